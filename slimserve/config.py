@@ -1,0 +1,91 @@
+"""Frozen configuration, layered by role: what the model is, how much cache, how to schedule."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from slimserve.errors import InvalidRequest
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture hyper-parameters, read from GGUF metadata or config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    rope_scaling: tuple | None = None  # (("type", "llama3"), ("factor", 8.0), ...) kept hashable
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Paged KV cache: capacity always derives from a memory budget, never a request count."""
+
+    memory_bytes: int = 1 << 30
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise InvalidRequest(f"block_size must be a power of two, got {self.block_size}")
+        if self.memory_bytes <= 0:
+            raise InvalidRequest("kv cache memory must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Per-step limits: the token budget shared by prefill chunks and decodes."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the model's own context length
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise InvalidRequest("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GiB', '512MiB', '1.5g' or a plain integer of bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise InvalidRequest(f"cannot read a memory size from {text!r} (try 2GiB or 512MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def num_threads_from_env() -> int | None:
+    """The one place environment variables are read for engine settings."""
+    value = os.environ.get("SLIMSERVE_NUM_THREADS")
+    return int(value) if value else None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything an Engine is built from. `model` None means the default model."""
+
+    model: str | None = None
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    num_threads: int | None = None

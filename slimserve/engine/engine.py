@@ -1,0 +1,151 @@
+"""The engine loop: add requests, step, stream outputs. The CLI, LLM and server drive this."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from slimserve.config import EngineConfig, num_threads_from_env
+from slimserve.engine.detokenizer import Detokenizer
+from slimserve.engine.model_runner import ModelRunner
+from slimserve.engine.request import Request
+from slimserve.engine.scheduler import Scheduler
+from slimserve.errors import CapacityError, ContextLengthExceeded, InvalidRequest
+from slimserve.loader import open_model
+from slimserve.models import get_model_class
+from slimserve.outputs import CompletionOutput, RequestOutput
+from slimserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("slimserve")
+
+
+def load_model(source, progress: bool = False) -> torch.nn.Module:
+    cfg = source.config
+    model = get_model_class(cfg.architecture)(cfg)
+    weights = source.weights()
+    if progress:
+        from tqdm import tqdm
+
+        weights = tqdm(weights, desc=f"Loading {source.name}", unit="tensor", leave=False)
+    model.load_weights(weights)
+    return model.eval()
+
+
+class Engine:
+    def __init__(self, config: EngineConfig = EngineConfig(), progress: bool = False):
+        threads = config.num_threads or num_threads_from_env()
+        if threads:
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        self.config = config
+        self.source = open_model(config.model)
+        self.model_config = self.source.config
+        self.tokenizer = self.source.tokenizer()
+        self.model = load_model(self.source, progress)
+        self.runner = ModelRunner(self.model, self.model_config, config.cache)
+        self.scheduler = Scheduler(config.scheduler, self.runner.kv)
+        self.max_model_len = min(config.scheduler.max_model_len or self.model_config.max_position,
+                                 self.model_config.max_position)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.load_seconds = time.perf_counter() - t0
+        logger.info("loaded %s in %.1fs; KV cache holds %d tokens", self.source.name,
+                    self.load_seconds, self.runner.capacity_tokens)
+
+    @property
+    def model_name(self) -> str:
+        return self.source.name
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Queue a prompt (text, or token ids) and return its request id."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        self._validate(ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        req = Request(request_id, text, ids, params, self.tokenizer.eos_ids, priority)
+        req.detokenizer = Detokenizer(self.tokenizer, params)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
+                f"{total} tokens exceed the model's context length of {self.max_model_len}",
+                param="max_tokens",
+            )
+        if self.runner.kv.blocks_needed(total) > self.runner.num_blocks:
+            raise CapacityError(
+                f"the request needs {total} tokens of KV cache but it holds "
+                f"{self.runner.capacity_tokens}; raise --kv-cache-memory"
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is (waiting, mid-prefill, decoding) and free its blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that advanced or finished."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        sample_reqs, samples = self.runner.execute(out.scheduled)
+        for req, n in out.scheduled:
+            req.num_computed_tokens += n
+        outputs = []
+        for i, req in enumerate(sample_reqs):
+            self._append(req, samples.token_ids[i], samples.logprobs[i])
+            outputs.append(self._output(req))
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _append(self, req: Request, token: int, logprobs) -> None:
+        req.append_token(token)
+        if req.logprobs is not None:
+            req.logprobs.append(logprobs)
+        reason = None
+        if token in req.stop_ids:
+            reason = "stop"
+        elif req.detokenizer.add(token):
+            reason = "stop"
+        elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason:
+            self.scheduler.finish(req, reason)
+
+    def _output(self, req: Request) -> RequestOutput:
+        done = req.finished
+        completion = CompletionOutput(
+            index=0,
+            text=req.detokenizer.visible_text(done),
+            token_ids=req.output_token_ids,
+            finish_reason=req.finish_reason,
+            logprobs=req.logprobs,
+        )
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], done)

@@ -1,0 +1,104 @@
+"""Turns a scheduled batch into tensors, runs the model over the paged KV cache, samples.
+
+The only place that builds tensors for a step. Tokens of all requests are flattened into one
+(T,) batch: decodes (one new token each) first, so they share one batched attention call, then
+each prompt chunk. Linear layers see no padding; only attention views the batch per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimserve.config import CacheConfig, ModelConfig
+from slimserve.engine.forward_context import AttentionGroup, ForwardContext, forward_context
+from slimserve.engine.request import Request
+from slimserve.engine.sampler import Sampler, SamplerOutput
+from slimserve.kv_cache.manager import KVCacheManager
+from slimserve.layers.attention import Attention
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, cache_config: CacheConfig):
+        self.model = model
+        self.config = model_config
+        self.block_size = cache_config.block_size
+        per_block = kv_bytes_per_token(model_config) * self.block_size
+        self.num_blocks = max(1, cache_config.memory_bytes // per_block)
+        self.kv = KVCacheManager(self.num_blocks, self.block_size)
+        # Zeroed, not empty: padded attention slots must hold finite numbers (0 * NaN is NaN).
+        slots = self.num_blocks * self.block_size
+        self.kv_cache = torch.zeros(model_config.num_layers, 2, slots, model_config.num_kv_heads,
+                                    model_config.head_dim)
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        for i, attn in enumerate(layers):
+            attn.kv_cache = (self.kv_cache[i, 0], self.kv_cache[i, 1])
+        self.sampler = Sampler()
+        self._offsets = torch.arange(self.block_size)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Request, int]]) -> tuple[list[Request], SamplerOutput | None]:
+        """Run one step; returns the requests that sample a token now and their samples."""
+        ctx, input_ids, positions, sample_reqs = self._prepare(scheduled)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)
+            if not sample_reqs:
+                return [], None
+            logits = self.model.compute_logits(hidden)
+        return sample_reqs, self.sampler(logits, sample_reqs)
+
+    def _prepare(self, scheduled):
+        bs = self.block_size
+        order = sorted(scheduled, key=lambda rn: rn[1] != 1)  # decodes first; sort is stable
+        ids, pos, slots, groups, logits_rows, sample_reqs = [], [], [], [], [], []
+        decodes = [(r, n) for r, n in order if n == 1]
+        if decodes:
+            groups.append(self._decode_group(decodes))
+        for r, n in order:
+            start = r.num_computed_tokens
+            table = self.kv.block_ids(r.request_id)
+            first = len(ids)
+            ids += r.all_token_ids[start : start + n]
+            pos += range(start, start + n)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if n > 1:
+                groups.append(self._prefill_group(first, start, n, table))
+            if start + n == r.num_tokens:
+                logits_rows.append(len(ids) - 1)
+                sample_reqs.append(r)
+        ctx = ForwardContext(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            groups=groups,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+        )
+        return ctx, torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), sample_reqs
+
+    def _slots(self, tables: list[list[int]], length: int) -> torch.Tensor:
+        """(B, length) flat slot ids of positions 0..length-1 for each block table (padded)."""
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        return (padded.unsqueeze(-1) * self.block_size + self._offsets).view(len(tables), -1)[:, :length]
+
+    def _decode_group(self, decodes) -> AttentionGroup:
+        lens = [r.num_computed_tokens + 1 for r, _ in decodes]
+        L = max(lens)
+        kv_indices = self._slots([self.kv.block_ids(r.request_id) for r, _ in decodes], L)
+        mask = None
+        if min(lens) != L:
+            mask = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[:, None, None, :]
+        return AttentionGroup(0, len(decodes), len(decodes), 1, kv_indices, mask, causal=False)
+
+    def _prefill_group(self, first: int, start: int, n: int, table: list[int]) -> AttentionGroup:
+        if start == 0:  # a fresh prompt attends to its own new keys, plain causal
+            return AttentionGroup(first, first + n, 1, n, None, None, causal=True)
+        L = start + n
+        q_pos = torch.arange(start, L).unsqueeze(1)
+        mask = (torch.arange(L).unsqueeze(0) <= q_pos)[None, None]  # (1, 1, n, L)
+        return AttentionGroup(first, first + n, 1, n, self._slots([table], L), mask, causal=False)

@@ -1,0 +1,96 @@
+"""Continuous batching by token budget.
+
+No prefill or decode phases: every request has `num_computed_tokens` catching up with
+`num_tokens`, and each step hands out up to `max_num_batched_tokens` tokens, running requests
+first (a decode costs 1), then waiting ones (a prompt, or a chunk of it). When KV blocks run out
+the latest, lowest-priority running request is preempted: its blocks are freed and it is
+recomputed later (its output does not change).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from slimserve.config import SchedulerConfig
+from slimserve.engine.request import Request, RequestStatus
+from slimserve.kv_cache.manager import KVCacheManager
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+def _order(req: Request):
+    # Lower priority value first, then arrival.
+    return (req.priority, req.arrival_time)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: list[Request] = []  # sorted by _order
+        self.running: list[Request] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        bisect.insort(self.waiting, req, key=_order)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                victim = max(self.running[i:], key=_order)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append((req, n))
+                budget -= n
+                i += 1
+        # New work only when nothing had to give way this step.
+        while (self.waiting and budget > 0 and not out.preempted
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                break
+            self.waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append((req, n))
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+        self.add(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.kv.free(req.request_id)

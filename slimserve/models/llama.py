@@ -1,0 +1,100 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2): pre-norm decoder, RoPE, GQA, SwiGLU."""
+
+import torch
+from torch import nn
+
+from slimserve.config import ModelConfig
+from slimserve.layers.activation import SiluAndMul
+from slimserve.layers.attention import Attention
+from slimserve.layers.embedding import LMHead, VocabEmbedding
+from slimserve.layers.linear import Linear
+from slimserve.layers.norm import RMSNorm
+from slimserve.layers.rotary import RotaryEmbedding
+from slimserve.models.weights import load_weights
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sizes = [H * D, Hkv * D, Hkv * D]
+        self.qkv_proj = Linear(cfg.hidden_size, self.sizes, bias=cfg.attention_bias)
+        self.o_proj = Linear(H * D, [cfg.hidden_size])
+        self.rotary = rotary
+        self.attn = Attention(H, Hkv, D)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        T, D = x.shape[0], self.attn.head_dim
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q, k = self.rotary(positions, q.view(T, -1, D), k.view(T, -1, D))
+        return self.o_proj(self.attn(q, k, v.view(T, -1, D)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2)
+        self.down_proj = Linear(cfg.intermediate_size, [cfg.hidden_size])
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, positions, x, residual):
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, scaling)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        return self.norm(x, residual)[0]
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF weight name -> (our packed module, shard index).
+    packed_modules = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights) -> None:
+        load_weights(self, weights, self.packed_modules)
