@@ -13,8 +13,10 @@ from slimserve.config import CacheConfig, ModelConfig
 from slimserve.engine.forward_context import AttentionGroup, ForwardContext, forward_context
 from slimserve.engine.request import Request
 from slimserve.engine.sampler import Sampler, SamplerOutput
+from slimserve.errors import CapacityError
 from slimserve.kv_cache.manager import KVCacheManager
 from slimserve.layers.attention import Attention
+from slimserve.sampling_params import SamplingParams
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
@@ -54,6 +56,22 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         return sample_reqs, self.sampler(logits, sample_reqs)
 
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """(T, V) logits at every position of one sequence, for evaluation and reference tests.
+
+        Uses free KV blocks for the duration of the call and gives them back."""
+        req = Request("__prompt_logits__", None, list(token_ids), SamplingParams(), frozenset())
+        if not self.kv.allocate_slots(req.request_id, len(token_ids)):
+            raise CapacityError(f"{len(token_ids)} tokens do not fit the free KV cache")
+        try:
+            ctx, input_ids, positions, _ = self._prepare([(req, len(token_ids))])
+            ctx.logits_indices = torch.arange(len(token_ids))
+            with forward_context(ctx):
+                return self.model.compute_logits(self.model(input_ids, positions))
+        finally:
+            self.kv.free(req.request_id)
+
     def _prepare(self, scheduled):
         bs = self.block_size
         order = sorted(scheduled, key=lambda rn: rn[1] != 1)  # decodes first; sort is stable
@@ -80,8 +98,14 @@ class ModelRunner:
         )
         return ctx, torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), sample_reqs
 
-    def _slots(self, tables: list[list[int]], length: int) -> torch.Tensor:
-        """(B, length) flat slot ids of positions 0..length-1 for each block table (padded)."""
+    def _slots(self, tables: list[list[int]], length: int) -> torch.Tensor | slice:
+        """(B, length) flat slot ids of positions 0..length-1 for each block table (padded).
+
+        One table of consecutive blocks gives a slice instead: attention then reads a view of
+        the cache rather than gathering a copy (the common case for a lone request)."""
+        if len(tables) == 1 and tables[0] == list(range(tables[0][0], tables[0][0] + len(tables[0]))):
+            first = tables[0][0] * self.block_size
+            return slice(first, first + length)
         width = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         return (padded.unsqueeze(-1) * self.block_size + self._offsets).view(len(tables), -1)[:, :length]

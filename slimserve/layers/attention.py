@@ -42,6 +42,8 @@ class Attention(nn.Module):
         if g.kv_indices is None:
             kg = k[g.start : g.end].view(B, Lq, self.num_kv_heads, D)
             vg = v[g.start : g.end].view(B, Lq, self.num_kv_heads, D)
+        elif isinstance(g.kv_indices, slice):  # one sequence, consecutive blocks: a view
+            kg, vg = k_cache[g.kv_indices].unsqueeze(0), v_cache[g.kv_indices].unsqueeze(0)
         else:
             kg, vg = k_cache[g.kv_indices], v_cache[g.kv_indices]  # (B, L, Hkv, D)
         o = F.scaled_dot_product_attention(

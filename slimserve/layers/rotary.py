@@ -41,8 +41,11 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: (T, H, D), k: (T, Hkv, D); positions: (T,)."""
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, D)
-        sin = self.sin[positions].unsqueeze(1)
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (T, 1, D), for the step's positions."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def forward(self, rope, q: torch.Tensor, k: torch.Tensor):
+        """q: (T, H, D), k: (T, Hkv, D); rope from `table`."""
+        cos, sin = rope
         return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin

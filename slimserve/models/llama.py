@@ -23,10 +23,10 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.attn = Attention(H, Hkv, D)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope, x: torch.Tensor) -> torch.Tensor:
         T, D = x.shape[0], self.attn.head_dim
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q, k = self.rotary(positions, q.view(T, -1, D), k.view(T, -1, D))
+        q, k = self.rotary(rope, q.view(T, -1, D), k.view(T, -1, D))
         return self.o_proj(self.attn(q, k, v.view(T, -1, D)))
 
 
@@ -49,26 +49,27 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, positions, x, residual):
+    def forward(self, rope, x, residual):
         x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
+        x = self.self_attn(rope, x)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tied_head: LMHead | None):
         super().__init__()
         scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, scaling)
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, scaling)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tied_head)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary.table(positions)  # once per step, shared by every layer
         for layer in self.layers:
-            x, residual = layer(positions, x, residual)
+            x, residual = layer(rope, x, residual)
         return self.norm(x, residual)[0]
 
 
@@ -85,10 +86,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model = LlamaModel(cfg, self.lm_head if cfg.tie_word_embeddings else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -97,4 +96,5 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights) -> None:
-        load_weights(self, weights, self.packed_modules)
+        skip = ("lm_head.",) if self.config.tie_word_embeddings else ()
+        load_weights(self, weights, self.packed_modules, skip)

@@ -1,0 +1,110 @@
+"""`slimserve bench latency`: prefill tok/s, batch-1 decode tok/s, and the memory-bandwidth roofline.
+
+Decode at batch 1 reads every weight once per token, so bytes-per-step / step-time against this
+machine's measured bandwidth (taken in the same run) says how close to the hardware limit we are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from slimserve.sampling_params import SamplingParams
+
+
+def measure_bandwidth(nbytes: int = 512 << 20, runs: int = 5) -> float:
+    """Sustained read bandwidth in bytes/s: the best of a reduction and a copy over `nbytes`."""
+    x = torch.ones(nbytes // 4)
+    y = torch.empty_like(x)
+    best = 0.0
+    for _ in range(runs):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, nbytes / (time.perf_counter() - t))
+        t = time.perf_counter()
+        y.copy_(x)
+        best = max(best, 2 * nbytes / (time.perf_counter() - t))
+    return best
+
+
+def decode_bytes_per_step(model: torch.nn.Module, context_len: int, kv_bytes_per_token: int) -> int:
+    """Bytes one batch-1 decode step must read: all weights but the embedding table, plus the KV.
+
+    The embedding lookup reads one row; when it is tied to the LM head it is read in full there.
+    """
+    seen, total = set(), 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        if name.endswith("embed_tokens.weight") and not getattr(model.config, "tie_word_embeddings", False):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total + context_len * kv_bytes_per_token
+
+
+def _random_prompt(vocab: int, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (n,), generator=g).tolist()
+
+
+def run_latency(args) -> dict:
+    from slimserve.cli import make_llm
+    from slimserve.engine.model_runner import kv_bytes_per_token
+
+    llm = make_llm(args, progress=False)
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    bw = measure_bandwidth()
+
+    def timed(prompt, n_out):
+        params = SamplingParams(max_tokens=n_out, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        first = None
+        for out in llm.stream(prompt, params):
+            if first is None:
+                first = time.perf_counter()
+        return first - t0, time.perf_counter() - first, len(out.outputs[0].token_ids)
+
+    prefill, decode = [], []
+    for run in range(args.runs + 1):  # run 0 warms up
+        ttft, _, _ = timed(_random_prompt(vocab, args.prompt_len, seed=run), 1)
+        _, rest, n = timed(_random_prompt(vocab, 32, seed=100 + run), args.decode_tokens)
+        if run:
+            prefill.append(args.prompt_len / ttft)
+            decode.append((n - 1) / rest)
+    decode_tok_s = statistics.median(decode)
+    step_bytes = decode_bytes_per_step(engine.model, 32 + args.decode_tokens // 2,
+                                       kv_bytes_per_token(engine.model_config))
+    result = {
+        "model": engine.model_name,
+        "threads": torch.get_num_threads(),
+        "prompt_len": args.prompt_len,
+        "decode_tokens": args.decode_tokens,
+        "runs": args.runs,
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": decode_tok_s,
+        "decode_bytes_per_step": step_bytes,
+        "memory_bandwidth_gb_s": bw / 1e9,
+        "bandwidth_fraction": step_bytes * decode_tok_s / bw,
+        "prefill_tok_s_all": prefill,
+        "decode_tok_s_all": decode,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__},
+    }
+    print(f"prefill ({args.prompt_len} tokens): {result['prefill_tok_s']:.1f} tok/s")
+    print(f"decode (batch 1): {decode_tok_s:.1f} tok/s, {step_bytes / 1e6:.0f} MB read per step")
+    print(f"memory bandwidth: {bw / 1e9:.1f} GB/s measured; decode reaches "
+          f"{100 * result['bandwidth_fraction']:.0f}% of it")
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return result

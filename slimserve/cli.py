@@ -1,0 +1,164 @@
+"""`slimserve generate | chat | bench`: one line and exit code 2 on any error we anticipate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from slimserve.errors import SlimserveError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="a .gguf file or an HF directory (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB or 2GiB")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=40, help="0 disables")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--system", default=None, help="system prompt")
+
+
+def make_llm(args, progress: bool = True):
+    from slimserve.llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+              enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              num_threads=args.threads, progress=progress and sys.stderr.isatty())
+    print(f"[slimserve] loaded {llm.engine.model_name} in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    return llm
+
+
+def sampling_params(args):
+    from slimserve.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=tuple(args.stop))
+
+
+def stream_to_stdout(llm, prompt, params) -> str:
+    shown = ""
+    for out in llm.stream(prompt, params):
+        text = out.outputs[0].text
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    return shown
+
+
+def cmd_generate(args) -> int:
+    params = sampling_params(args)  # validate before the model loads
+    llm = make_llm(args)
+    if args.raw:
+        prompt = args.prompt
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        prompt = llm.tokenizer.apply_chat_template(messages)
+    stream_to_stdout(llm, prompt, params)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = sampling_params(args)
+    llm = make_llm(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat with the model. Ctrl-D or /exit to quit, /reset to clear history.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            del history[1 if args.system else 0 :]
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = stream_to_stdout(llm, llm.tokenizer.apply_chat_template(history), params)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_bench(args) -> int:
+    if args.bench_kind == "latency":
+        from slimserve.bench.latency import run_latency
+
+        run_latency(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt (streamed)")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, no chat template")
+    add_sampling_args(gen)
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with history")
+    add_sampling_args(chat, max_tokens=512)
+    add_engine_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_kind", required=True)
+    lat = bsub.add_parser("latency", help="prefill and single-stream decode speed")
+    lat.add_argument("--prompt-len", type=int, default=512)
+    lat.add_argument("--decode-tokens", type=int, default=128)
+    lat.add_argument("--runs", type=int, default=5)
+    lat.add_argument("--output", default=None, help="write results as JSON here")
+    add_engine_args(lat)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="[%(name)s] %(message)s")
+    try:
+        return args.func(args)
+    except SlimserveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
