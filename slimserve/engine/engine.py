@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,24 @@ from slimserve.outputs import CompletionOutput, RequestOutput
 from slimserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("slimserve")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot for /metrics and the benchmarks; token counts are cumulative."""
+
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, served from cache
+    preemptions: int
+    steps: int
+    last_batch_size: int
+    last_batch_tokens: int
+    tokens_computed: int  # every token the model ran (prompt chunks and decodes)
+    prompt_tokens_computed: int  # of those, prompt tokens (the rest came from the prefix cache)
 
 
 def load_model(source, progress: bool = False) -> torch.nn.Module:
@@ -51,6 +70,8 @@ class Engine:
                                  self.model_config.max_position)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self._steps, self._last_batch = 0, (0, 0)
+        self._computed_tokens = self._prompt_tokens_computed = 0
         self.load_seconds = time.perf_counter() - t0
         logger.info("loaded %s in %.1fs; KV cache holds %d tokens", self.source.name,
                     self.load_seconds, self.runner.capacity_tokens)
@@ -108,15 +129,36 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> EngineStats:
+        kv = self.runner.kv
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=kv.num_blocks,
+            kv_blocks_free=kv.num_free_blocks,
+            prefix_cache_queries=kv.stats.queries,
+            prefix_cache_hits=kv.stats.hits,
+            preemptions=self.scheduler.num_preemptions,
+            steps=self._steps,
+            last_batch_size=self._last_batch[0],
+            last_batch_tokens=self._last_batch[1],
+            tokens_computed=self._computed_tokens,
+            prompt_tokens_computed=self._prompt_tokens_computed,
+        )
+
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return an output for every request that advanced or finished."""
         out = self.scheduler.schedule()
+        self._last_batch = (len(out.scheduled), out.num_tokens)
         if not out.scheduled:
             return []
+        self._steps += 1
+        self._computed_tokens += out.num_tokens
+        self._prompt_tokens_computed += sum(
+            max(0, min(n, r.num_prompt_tokens - r.num_computed_tokens)) for r, n in out.scheduled)
         sample_reqs, samples = self.runner.execute(out.scheduled)
-        for req, n in out.scheduled:
-            req.num_computed_tokens += n
+        self.scheduler.update_after_step(out)
         outputs = []
         for i, req in enumerate(sample_reqs):
             self._append(req, samples.token_ids[i], samples.logprobs[i])

@@ -30,7 +30,8 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         per_block = kv_bytes_per_token(model_config) * self.block_size
         self.num_blocks = max(1, cache_config.memory_bytes // per_block)
-        self.kv = KVCacheManager(self.num_blocks, self.block_size)
+        self.kv = KVCacheManager(self.num_blocks, self.block_size,
+                                 cache_config.enable_prefix_caching, salt=model_config)
         # Zeroed, not empty: padded attention slots must hold finite numbers (0 * NaN is NaN).
         slots = self.num_blocks * self.block_size
         self.kv_cache = torch.zeros(model_config.num_layers, 2, slots, model_config.num_kv_heads,

@@ -28,6 +28,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.all_token_ids = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_ids)

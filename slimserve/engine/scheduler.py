@@ -66,16 +66,25 @@ class Scheduler:
         # New work only when nothing had to give way this step.
         while (self.waiting and budget > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
-            req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+            req = self.waiting[0]  # num_computed_tokens is 0 for every waiting request
+            hit = self.kv.find_prefix(req.all_token_ids)
+            n = min(req.num_tokens - hit.num_tokens, budget)
+            if not self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
                 break
+            self.kv.record_lookup(req.num_tokens, hit)
+            req.num_computed_tokens = req.num_cached_tokens = hit.num_tokens
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append((req, n))
             budget -= n
         return out
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Credit the computed tokens and publish newly full blocks to the prefix cache."""
+        for req, n in out.scheduled:
+            req.num_computed_tokens += n
+            self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

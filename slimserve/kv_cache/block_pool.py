@@ -8,12 +8,13 @@ from __future__ import annotations
 
 
 class Block:
-    __slots__ = ("block_id", "ref_cnt", "block_hash", "prev", "next")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "key", "prev", "next")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
         self.block_hash: int | None = None
+        self.key: tuple | None = None  # (parent hash, token ids): verifies a hash hit
         self.prev: Block | None = None
         self.next: Block | None = None
 
@@ -78,7 +79,7 @@ class BlockPool:
             if b.block_hash is not None:  # evict its cached identity
                 if self.cached.get(b.block_hash) is b:
                     del self.cached[b.block_hash]
-                b.block_hash = None
+                b.block_hash = b.key = None
             b.ref_cnt = 1
             out.append(b)
         return out
@@ -98,8 +99,10 @@ class BlockPool:
             if b.ref_cnt == 0:
                 self.free_queue.append(b)
 
-    def cache(self, b: Block, block_hash: int) -> None:
-        b.block_hash = block_hash
+    def cache(self, b: Block, block_hash: int, key: tuple) -> None:
+        if b.block_hash is not None:
+            return  # already published (e.g. it came from a hit)
+        b.block_hash, b.key = block_hash, key
         self.cached.setdefault(block_hash, b)
 
     def lookup(self, block_hash: int) -> Block | None:

@@ -1,0 +1,145 @@
+"""Continuous batching, prefix caching, chunked prefill, preemption and abort on the real model.
+
+Every output is compared with the same request run alone; engines differ only in the option
+under test."""
+
+import pytest
+import torch
+
+from slimserve import LLM, SamplingParams
+
+SYSTEM = ("You are a meticulous assistant for a library. Answer questions about books, authors "
+          "and opening hours precisely and politely. ") * 12
+
+
+def chat_ids(llm, question, system=SYSTEM):
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return llm.tokenizer.encode(llm.tokenizer.apply_chat_template(msgs))
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def cold_llm(gguf_path):
+    """Prefix caching off: the reference for 'same output as a cold run'."""
+    return LLM(gguf_path, kv_cache_memory="256MiB", enable_prefix_caching=False)
+
+
+def solo(llm, prompts, params):
+    return [llm.generate([p], sp)[0].outputs[0] for p, sp in zip(prompts, params)]
+
+
+def test_mixed_batch_equals_each_request_alone(llm, cold_llm):
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1], chat_ids(llm, "Hi"), torch.randint(100, 40000, (2000,), generator=g).tolist(),
+               chat_ids(llm, "Where is the poetry section?"),
+               torch.randint(100, 40000, (300,), generator=g).tolist(),
+               llm.tokenizer.encode("The capital of France is")]
+    params = [greedy(5), greedy(24), greedy(8), greedy(40, stop=["."]), greedy(16), greedy(12)]
+    batch = [o.outputs[0] for o in llm.generate(prompts, params)]
+    alone = solo(cold_llm, prompts, params)
+    assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
+    assert [o.text for o in batch] == [o.text for o in alone]
+    assert [o.finish_reason for o in batch] == [o.finish_reason for o in alone]
+
+
+def test_prefix_cache_hit_gives_the_cold_output(llm, cold_llm):
+    kv = llm.engine.runner.kv
+    first, second = chat_ids(llm, "When do you open?"), chat_ids(llm, "Who wrote Dracula?")
+    llm.generate([first], greedy(4))
+    hits_before = kv.stats.hits
+    out = llm.generate([second], greedy(24))[0].outputs[0]
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared > 200
+    assert kv.stats.hits - hits_before == shared // 16 * 16  # every full shared block, no more
+    assert out.token_ids == cold_llm.generate([second], greedy(24))[0].outputs[0].token_ids
+
+
+def test_identical_prompt_recomputes_only_the_last_token(llm):
+    kv = llm.engine.runner.kv
+    ids = chat_ids(llm, "Identical prompt test " * 3)
+    a = llm.generate([ids], greedy(8))[0].outputs[0]
+    before = kv.stats.hits
+    b = llm.generate([ids], greedy(8))[0].outputs[0]
+    assert kv.stats.hits - before == (len(ids) - 1) // 16 * 16
+    assert a.token_ids == b.token_ids
+
+
+def test_divergent_and_partial_block_prefixes(llm, cold_llm):
+    kv = llm.engine.runner.kv
+    base = llm.tokenizer.encode("Alpha beta gamma delta epsilon zeta eta theta iota kappa " * 4)
+    assert len(base) >= 45
+    llm.generate([base[:45]], greedy(2))  # caches 2 full blocks (32 tokens); the third is partial
+    for tail in ([7, 8, 9], base[45:50]):
+        prompt = base[:40] + tail  # diverges inside the third block
+        before = kv.stats.hits
+        out = llm.generate([prompt], greedy(8))[0].outputs[0]
+        assert kv.stats.hits - before == 32
+        assert out.token_ids == cold_llm.generate([prompt], greedy(8))[0].outputs[0].token_ids
+
+
+def test_chunked_prefill_with_a_tiny_budget(gguf_path, llm):
+    tiny = LLM(gguf_path, kv_cache_memory="128MiB", max_num_batched_tokens=7,
+               enable_prefix_caching=False)
+    prompts = [chat_ids(llm, "Tell me about whales."), llm.tokenizer.encode("Once upon a time")]
+    params = [greedy(12), greedy(12)]
+    assert ([o.outputs[0].token_ids for o in tiny.generate(prompts, params)]
+            == [o.token_ids for o in solo(llm, prompts, params)])
+    assert tiny.engine.stats().last_batch_tokens <= 7
+
+
+def test_preemption_under_a_tiny_kv_budget_keeps_outputs(gguf_path, llm):
+    # 48 blocks of 16 tokens; 6 requests of ~250 tokens each need ~100 blocks together.
+    block_bytes = llm.engine.runner.kv.block_size * 30 * 2 * 3 * 64 * 4
+    small = LLM(gguf_path, kv_cache_memory=48 * block_bytes, enable_prefix_caching=False)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 40000, (200,), generator=g).tolist() for _ in range(6)]
+    params = [greedy(64, ignore_eos=True)] * 6  # 3 admitted prompts outgrow 48 blocks
+    outs = small.generate(prompts, params)
+    assert small.engine.stats().preemptions > 0
+    assert all(o.finished and len(o.outputs[0].token_ids) == 64 for o in outs)
+    assert [o.outputs[0].token_ids for o in outs] == [o.token_ids for o in solo(llm, prompts, params)]
+    assert small.engine.runner.kv.num_free_blocks == 48
+
+
+def test_request_that_can_never_fit_is_refused(gguf_path, llm):
+    from slimserve.errors import CapacityError
+
+    block_bytes = llm.engine.runner.kv.block_size * 30 * 2 * 3 * 64 * 4
+    small = LLM(gguf_path, kv_cache_memory=4 * block_bytes)
+    with pytest.raises(CapacityError, match="raise --kv-cache-memory"):
+        small.generate([[5] * 60], greedy(10))
+    assert not small.engine.has_unfinished()
+
+
+def test_abort_anywhere_frees_every_block(llm):
+    engine, kv = llm.engine, llm.engine.runner.kv
+    assert kv.num_free_blocks == kv.num_blocks
+    long_prompt = chat_ids(llm, "Summarise the history of the printing press. " * 40)
+    waiting = engine.add_request(chat_ids(llm, "a"), greedy(50))
+    prefill = engine.add_request(long_prompt, greedy(50))
+    decoding = engine.add_request(chat_ids(llm, "b"), greedy(50))
+    engine.abort(waiting)  # before it ever ran
+    engine.step()  # 'decoding' prefills, 'prefill' gets its first chunk
+    assert engine.requests[prefill].num_computed_tokens < len(long_prompt)
+    engine.abort(prefill)  # mid-prefill
+    engine.step()
+    engine.step()
+    assert engine.requests[decoding].num_output_tokens >= 1
+    engine.abort(decoding)  # mid-decode
+    assert not engine.has_unfinished()
+    # Freed blocks stay cached for reuse but every one is free again.
+    assert kv.num_free_blocks == kv.num_blocks
+    assert not kv.req_blocks
+    out = llm.generate([chat_ids(llm, "b")], greedy(4))[0]  # the engine keeps serving
+    assert out.finished
+
+
+def test_stats_move(llm):
+    s0 = llm.engine.stats()
+    llm.generate([chat_ids(llm, "stats")], greedy(3))
+    s1 = llm.engine.stats()
+    assert s1.steps > s0.steps and s1.prefix_cache_queries > s0.prefix_cache_queries
+    assert s1.tokens_computed > s0.tokens_computed and s1.running == s1.waiting == 0

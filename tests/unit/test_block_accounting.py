@@ -1,0 +1,126 @@
+"""Block accounting under random add/step/abort sequences (scheduler + KV manager, no model)."""
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from slimserve.config import SchedulerConfig
+from slimserve.engine.request import Request
+from slimserve.engine.scheduler import Scheduler
+from slimserve.kv_cache.block_pool import BlockPool, FreeBlockQueue
+from slimserve.kv_cache.manager import KVCacheManager
+from slimserve.sampling_params import SamplingParams
+
+NUM_BLOCKS, BS = 24, 4
+
+
+class EngineBookkeeping(RuleBasedStateMachine):
+    """Drives the scheduler as the engine does, with a fake model that emits token 7."""
+
+    def __init__(self):
+        super().__init__()
+        self.kv = KVCacheManager(NUM_BLOCKS, BS, enable_prefix_caching=True)
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=10), self.kv)
+        self.live: dict[str, Request] = {}
+        self.n = 0
+
+    @rule(prefix=st.sampled_from([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9], []]),
+          extra=st.lists(st.integers(0, 50), min_size=1, max_size=20),
+          max_tokens=st.integers(1, 12))
+    def add(self, prefix, extra, max_tokens):
+        ids = prefix + extra
+        if self.kv.blocks_needed(len(ids) + max_tokens) > NUM_BLOCKS:
+            return  # the engine refuses these up front
+        self.n += 1
+        req = Request(f"r{self.n}", None, ids, SamplingParams(max_tokens=max_tokens), frozenset())
+        self.live[req.request_id] = req
+        self.sched.add(req)
+
+    @precondition(lambda self: self.live)
+    @rule()
+    def step(self):
+        out = self.sched.schedule()
+        for req, n in out.scheduled:
+            assert n >= 1
+            assert req.num_computed_tokens + n <= req.num_tokens
+            assert len(self.kv.req_blocks[req.request_id]) * BS >= req.num_computed_tokens + n
+        self.sched.update_after_step(out)
+        for req, _ in out.scheduled:
+            if req.num_computed_tokens == req.num_tokens:
+                req.append_token(7)
+                if req.num_output_tokens >= req.params.max_tokens:
+                    self.sched.finish(req, "length")
+                    del self.live[req.request_id]
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def abort(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.live)))
+        self.sched.finish(self.live.pop(rid), "abort")
+
+    @invariant()
+    def ref_counts_match_holders(self):
+        holders = {}
+        for blocks in self.kv.req_blocks.values():
+            for b in blocks:
+                holders[b.block_id] = holders.get(b.block_id, 0) + 1
+        free_ids = {b.block_id for b in self.kv.pool.free_queue}
+        for b in self.kv.pool.blocks:
+            assert b.ref_cnt >= 0
+            assert b.ref_cnt == holders.get(b.block_id, 0)
+            assert (b.ref_cnt == 0) == (b.block_id in free_ids)
+        assert self.kv.num_free_blocks == len(free_ids)
+
+    def teardown(self):
+        for req in list(self.live.values()):
+            self.sched.finish(req, "abort")
+        assert self.kv.num_free_blocks == NUM_BLOCKS  # no leak
+        assert not self.kv.req_blocks
+
+
+EngineBookkeeping.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
+                                               deadline=None)
+TestBlockAccounting = EngineBookkeeping.TestCase
+
+
+def test_every_request_eventually_finishes():
+    kv = KVCacheManager(NUM_BLOCKS, BS)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=6), kv)
+    reqs = [Request(f"r{i}", None, list(range(i, i + 30)), SamplingParams(max_tokens=20),
+                    frozenset()) for i in range(6)]
+    for r in reqs:
+        sched.add(r)
+    for _ in range(2000):
+        if not sched.has_unfinished():
+            break
+        out = sched.schedule()
+        assert out.scheduled, "no progress"
+        sched.update_after_step(out)
+        for req, _ in out.scheduled:
+            if req.num_computed_tokens == req.num_tokens:
+                req.append_token(1)
+                if req.num_output_tokens >= 20:
+                    sched.finish(req, "length")
+    assert all(r.finished for r in reqs)
+    assert sched.num_preemptions > 0  # 6 x 50 tokens cannot all fit in 96 slots
+    assert kv.num_free_blocks == NUM_BLOCKS
+
+
+def test_double_free_is_caught():
+    import pytest
+
+    pool = BlockPool(2)
+    (b,) = pool.allocate(1)
+    pool.free([b])
+    with pytest.raises(RuntimeError, match="double free"):
+        pool.free([b])
+
+
+def test_free_queue_is_lru():
+    pool = BlockPool(3)
+    a, b, c = pool.allocate(3)
+    pool.free([b, a, c])
+    assert [x.block_id for x in pool.free_queue] == [b.block_id, a.block_id, c.block_id]
+    pool.touch(a)  # a cache hit revives a from the middle of the list
+    assert [x.block_id for x in pool.free_queue] == [b.block_id, c.block_id]
+    assert isinstance(pool.free_queue, FreeBlockQueue)
