@@ -13,8 +13,15 @@ from slimserve.outputs import CompletionOutput, RequestOutput
 from slimserve.sampling_params import SamplingParams
 
 __all__ = [
-    "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "SlimserveError",
-    "InvalidRequest", "ContextLengthExceeded", "ModelLoadError", "UnsupportedModel",
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "SlimserveError",
+    "InvalidRequest",
+    "ContextLengthExceeded",
+    "ModelLoadError",
+    "UnsupportedModel",
     "CapacityError",
 ]
 __version__ = "0.1.0"

@@ -12,7 +12,11 @@ from slimserve.errors import SlimserveError
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="a .gguf file or an HF directory (default: SmolLM2-135M-Instruct)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file or an HF directory (default: SmolLM2-135M-Instruct)",
+    )
     g.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB or 2GiB")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-num-seqs", type=int, default=64)
@@ -39,29 +43,44 @@ def make_llm(args, progress: bool = True):
     from slimserve.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
-              enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              num_threads=args.threads, progress=progress and sys.stderr.isatty())
-    print(f"[slimserve] loaded {llm.engine.model_name} in {time.perf_counter() - t0:.1f}s",
-          file=sys.stderr)
+    llm = LLM(
+        args.model,
+        kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        num_threads=args.threads,
+        progress=progress and sys.stderr.isatty(),
+    )
+    print(
+        f"[slimserve] loaded {llm.engine.model_name} in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+    )
     return llm
 
 
 def sampling_params(args):
     from slimserve.sampling_params import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=tuple(args.stop))
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
 
 
 def stream_to_stdout(llm, prompt, params) -> str:
     shown = ""
     for out in llm.stream(prompt, params):
         text = out.outputs[0].text
-        sys.stdout.write(text[len(shown):])
+        sys.stdout.write(text[len(shown) :])
         sys.stdout.flush()
         shown = text
     sys.stdout.write("\n")
@@ -74,7 +93,7 @@ def cmd_generate(args) -> int:
     if args.raw:
         prompt = args.prompt
     else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.prompt})
         prompt = llm.tokenizer.apply_chat_template(messages)
     stream_to_stdout(llm, prompt, params)
@@ -114,6 +133,10 @@ def cmd_bench(args) -> int:
         from slimserve.bench.latency import run_latency
 
         run_latency(args)
+    elif args.bench_kind == "throughput":
+        from slimserve.bench.throughput import run_throughput
+
+        run_throughput(args)
     return 0
 
 
@@ -142,14 +165,34 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--runs", type=int, default=5)
     lat.add_argument("--output", default=None, help="write results as JSON here")
     add_engine_args(lat)
+    thr = bsub.add_parser(
+        "throughput", help="offline batch throughput, side by side with llama.cpp"
+    )
+    thr.add_argument(
+        "--workloads",
+        nargs="+",
+        default=["random", "shared-prefix"],
+        choices=["random", "shared-prefix"],
+    )
+    thr.add_argument("--num-prompts", type=int, default=128)
+    thr.add_argument("--input-len", type=int, default=200)
+    thr.add_argument("--output-len", type=int, default=128)
+    thr.add_argument("--prefix-len", type=int, default=1000)
+    thr.add_argument("--question-len", type=int, default=50)
+    thr.add_argument("--seed", type=int, default=0)
+    thr.add_argument("--parallel", type=int, default=8, help="llama-server slots and clients")
+    thr.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    thr.add_argument("--output", default=None, help="write results as JSON here")
+    add_engine_args(thr)
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="[%(name)s] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="[%(name)s] %(message)s"
+    )
     try:
         return args.func(args)
     except SlimserveError as e:

@@ -19,11 +19,19 @@ class LLM:
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
     """
 
-    def __init__(self, model: str | None = None, *, kv_cache_memory: str | int = "1GiB",
-                 block_size: int = 16, enable_prefix_caching: bool = True,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 max_model_len: int | None = None, num_threads: int | None = None,
-                 progress: bool = False):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        kv_cache_memory: str | int = "1GiB",
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+        num_threads: int | None = None,
+        progress: bool = False,
+    ):
         config = EngineConfig(
             model=model,
             cache=CacheConfig(parse_bytes(kv_cache_memory), block_size, enable_prefix_caching),
@@ -33,9 +41,12 @@ class LLM:
         self.engine = Engine(config, progress=progress)
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Run every prompt to completion (batched together); outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -54,16 +65,23 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages: list[dict] | Sequence[list[dict]],
-             sampling_params: SamplingParams | None = None, use_tqdm: bool = False,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or a list of them), then generate."""
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        prompts = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
-               ) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that advanced it (text is cumulative)."""
         rid = self.engine.add_request(prompt, sampling_params)
         try:
@@ -74,7 +92,9 @@ class LLM:
                         if out.finished:
                             return
         finally:
-            self.engine.abort(rid)  # a no-op once finished; frees blocks if the caller stopped early
+            self.engine.abort(
+                rid
+            )  # a no-op once finished; frees blocks if the caller stopped early
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(ids)
@@ -95,7 +115,9 @@ class LLM:
                         if bar:
                             bar.update(1)
                 if bar:
-                    bar.set_postfix(tok_s=f"{generated / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+                    bar.set_postfix(
+                        tok_s=f"{generated / max(bar.format_dict['elapsed'], 1e-9):.1f}"
+                    )
         finally:
             if bar:
                 bar.close()

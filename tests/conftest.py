@@ -29,8 +29,9 @@ def llm(gguf_path):
 def hf_tokenizer(gguf_path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
-                                         gguf_file=os.path.basename(gguf_path))
+    return AutoTokenizer.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path)
+    )
 
 
 @pytest.fixture(scope="session")

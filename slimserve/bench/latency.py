@@ -1,4 +1,4 @@
-"""`slimserve bench latency`: prefill tok/s, batch-1 decode tok/s, and the memory-bandwidth roofline.
+"""`slimserve bench latency`: prefill tok/s, batch-1 decode tok/s, memory-bandwidth roofline.
 
 Decode at batch 1 reads every weight once per token, so bytes-per-step / step-time against this
 machine's measured bandwidth (taken in the same run) says how close to the hardware limit we are.
@@ -42,7 +42,9 @@ def decode_bytes_per_step(model: torch.nn.Module, context_len: int, kv_bytes_per
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
-        if name.endswith("embed_tokens.weight") and not getattr(model.config, "tie_word_embeddings", False):
+        if name.endswith("embed_tokens.weight") and not getattr(
+            model.config, "tie_word_embeddings", False
+        ):
             continue
         seen.add(id(p))
         total += p.numel() * p.element_size()
@@ -67,10 +69,12 @@ def run_latency(args) -> dict:
         params = SamplingParams(max_tokens=n_out, temperature=0.0, ignore_eos=True)
         t0 = time.perf_counter()
         first = None
+        n = 0
         for out in llm.stream(prompt, params):
+            n = len(out.outputs[0].token_ids)
             if first is None:
                 first = time.perf_counter()
-        return first - t0, time.perf_counter() - first, len(out.outputs[0].token_ids)
+        return first - t0, time.perf_counter() - first, n
 
     prefill, decode = [], []
     for run in range(args.runs + 1):  # run 0 warms up
@@ -80,8 +84,9 @@ def run_latency(args) -> dict:
             prefill.append(args.prompt_len / ttft)
             decode.append((n - 1) / rest)
     decode_tok_s = statistics.median(decode)
-    step_bytes = decode_bytes_per_step(engine.model, 32 + args.decode_tokens // 2,
-                                       kv_bytes_per_token(engine.model_config))
+    step_bytes = decode_bytes_per_step(
+        engine.model, 32 + args.decode_tokens // 2, kv_bytes_per_token(engine.model_config)
+    )
     result = {
         "model": engine.model_name,
         "threads": torch.get_num_threads(),
@@ -95,13 +100,19 @@ def run_latency(args) -> dict:
         "bandwidth_fraction": step_bytes * decode_tok_s / bw,
         "prefill_tok_s_all": prefill,
         "decode_tok_s_all": decode,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+        },
     }
     print(f"prefill ({args.prompt_len} tokens): {result['prefill_tok_s']:.1f} tok/s")
     print(f"decode (batch 1): {decode_tok_s:.1f} tok/s, {step_bytes / 1e6:.0f} MB read per step")
-    print(f"memory bandwidth: {bw / 1e9:.1f} GB/s measured; decode reaches "
-          f"{100 * result['bandwidth_fraction']:.0f}% of it")
+    print(
+        f"memory bandwidth: {bw / 1e9:.1f} GB/s measured; decode reaches "
+        f"{100 * result['bandwidth_fraction']:.0f}% of it"
+    )
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

@@ -54,7 +54,8 @@ def load_model(source, progress: bool = False) -> torch.nn.Module:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig = EngineConfig(), progress: bool = False):
+    def __init__(self, config: EngineConfig | None = None, progress: bool = False):
+        config = config or EngineConfig()
         threads = config.num_threads or num_threads_from_env()
         if threads:
             torch.set_num_threads(threads)
@@ -66,23 +67,35 @@ class Engine:
         self.model = load_model(self.source, progress)
         self.runner = ModelRunner(self.model, self.model_config, config.cache)
         self.scheduler = Scheduler(config.scheduler, self.runner.kv)
-        self.max_model_len = min(config.scheduler.max_model_len or self.model_config.max_position,
-                                 self.model_config.max_position)
+        self.max_model_len = min(
+            config.scheduler.max_model_len or self.model_config.max_position,
+            self.model_config.max_position,
+        )
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._steps, self._last_batch = 0, (0, 0)
         self._computed_tokens = self._prompt_tokens_computed = 0
         self.load_seconds = time.perf_counter() - t0
-        logger.info("loaded %s in %.1fs; KV cache holds %d tokens", self.source.name,
-                    self.load_seconds, self.runner.capacity_tokens)
+        logger.info(
+            "loaded %s in %.1fs; KV cache holds %d tokens",
+            self.source.name,
+            self.load_seconds,
+            self.runner.capacity_tokens,
+        )
 
     @property
     def model_name(self) -> str:
         return self.source.name
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    request_id: str | None = None, priority: int = 0) -> str:
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
         """Queue a prompt (text, or token ids) and return its request id."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
@@ -104,7 +117,9 @@ class Engine:
             raise InvalidRequest("the prompt is empty", param="prompt")
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+            raise InvalidRequest(
+                f"prompt token ids must be integers in [0, {vocab})", param="prompt"
+            )
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise ContextLengthExceeded(
@@ -156,7 +171,8 @@ class Engine:
         self._steps += 1
         self._computed_tokens += out.num_tokens
         self._prompt_tokens_computed += sum(
-            max(0, min(n, r.num_prompt_tokens - r.num_computed_tokens)) for r, n in out.scheduled)
+            max(0, min(n, r.num_prompt_tokens - r.num_computed_tokens)) for r, n in out.scheduled
+        )
         sample_reqs, samples = self.runner.execute(out.scheduled)
         self.scheduler.update_after_step(out)
         outputs = []

@@ -24,18 +24,22 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> 
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, cache_config: CacheConfig):
+    def __init__(
+        self, model: torch.nn.Module, model_config: ModelConfig, cache_config: CacheConfig
+    ):
         self.model = model
         self.config = model_config
         self.block_size = cache_config.block_size
         per_block = kv_bytes_per_token(model_config) * self.block_size
         self.num_blocks = max(1, cache_config.memory_bytes // per_block)
-        self.kv = KVCacheManager(self.num_blocks, self.block_size,
-                                 cache_config.enable_prefix_caching, salt=model_config)
+        self.kv = KVCacheManager(
+            self.num_blocks, self.block_size, cache_config.enable_prefix_caching, salt=model_config
+        )
         # Zeroed, not empty: padded attention slots must hold finite numbers (0 * NaN is NaN).
         slots = self.num_blocks * self.block_size
-        self.kv_cache = torch.zeros(model_config.num_layers, 2, slots, model_config.num_kv_heads,
-                                    model_config.head_dim)
+        self.kv_cache = torch.zeros(
+            model_config.num_layers, 2, slots, model_config.num_kv_heads, model_config.head_dim
+        )
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         for i, attn in enumerate(layers):
             attn.kv_cache = (self.kv_cache[i, 0], self.kv_cache[i, 1])
@@ -47,7 +51,9 @@ class ModelRunner:
         return self.num_blocks * self.block_size
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Request, int]]) -> tuple[list[Request], SamplerOutput | None]:
+    def execute(
+        self, scheduled: list[tuple[Request, int]]
+    ) -> tuple[list[Request], SamplerOutput | None]:
         """Run one step; returns the requests that sample a token now and their samples."""
         ctx, input_ids, positions, sample_reqs = self._prepare(scheduled)
         with forward_context(ctx):
@@ -97,19 +103,28 @@ class ModelRunner:
             groups=groups,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long),
         )
-        return ctx, torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), sample_reqs
+        return (
+            ctx,
+            torch.tensor(ids, dtype=torch.long),
+            torch.tensor(pos, dtype=torch.long),
+            sample_reqs,
+        )
 
     def _slots(self, tables: list[list[int]], length: int) -> torch.Tensor | slice:
         """(B, length) flat slot ids of positions 0..length-1 for each block table (padded).
 
         One table of consecutive blocks gives a slice instead: attention then reads a view of
         the cache rather than gathering a copy (the common case for a lone request)."""
-        if len(tables) == 1 and tables[0] == list(range(tables[0][0], tables[0][0] + len(tables[0]))):
+        if len(tables) == 1 and tables[0] == list(
+            range(tables[0][0], tables[0][0] + len(tables[0]))
+        ):
             first = tables[0][0] * self.block_size
             return slice(first, first + length)
         width = max(len(t) for t in tables)
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        return (padded.unsqueeze(-1) * self.block_size + self._offsets).view(len(tables), -1)[:, :length]
+        return (padded.unsqueeze(-1) * self.block_size + self._offsets).view(len(tables), -1)[
+            :, :length
+        ]
 
     def _decode_group(self, decodes) -> AttentionGroup:
         lens = [r.num_computed_tokens + 1 for r, _ in decodes]
@@ -117,7 +132,9 @@ class ModelRunner:
         kv_indices = self._slots([self.kv.block_ids(r.request_id) for r, _ in decodes], L)
         mask = None
         if min(lens) != L:
-            mask = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[:, None, None, :]
+            mask = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[
+                :, None, None, :
+            ]
         return AttentionGroup(0, len(decodes), len(decodes), 1, kv_indices, mask, causal=False)
 
     def _prefill_group(self, first: int, start: int, n: int, table: list[int]) -> AttentionGroup:

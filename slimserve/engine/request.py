@@ -17,8 +17,15 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, eos_ids: frozenset[int], priority: int = 0):
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_ids: frozenset[int],
+        priority: int = 0,
+    ):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -31,9 +38,12 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None
-        self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else eos_ids)
-        self.generator = (torch.Generator().manual_seed(params.seed)
-                          if params.seed is not None else None)
+        self.stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else eos_ids
+        )
+        self.generator = (
+            torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        )
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.first_token_time: float | None = None
         self.detokenizer = None  # set by the engine: text so far, stop strings
@@ -48,7 +58,7 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[len(self.prompt_token_ids):]
+        return self.all_token_ids[len(self.prompt_token_ids) :]
 
     @property
     def num_output_tokens(self) -> int:

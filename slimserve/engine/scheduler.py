@@ -64,8 +64,12 @@ class Scheduler:
                 budget -= n
                 i += 1
         # New work only when nothing had to give way this step.
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.config.max_num_seqs):
+        while (
+            self.waiting
+            and budget > 0
+            and not out.preempted
+            and len(self.running) < self.config.max_num_seqs
+        ):
             req = self.waiting[0]  # num_computed_tokens is 0 for every waiting request
             hit = self.kv.find_prefix(req.all_token_ids)
             n = min(req.num_tokens - hit.num_tokens, budget)

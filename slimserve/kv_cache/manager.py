@@ -32,8 +32,13 @@ class CacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 salt: object = None):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        salt: object = None,
+    ):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
@@ -74,7 +79,9 @@ class KVCacheManager:
         hit.num_tokens = len(hit.blocks) * bs
         return hit
 
-    def allocate_slots(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> bool:
+    def allocate_slots(
+        self, request_id: str, num_tokens: int, hit: PrefixHit | None = None
+    ) -> bool:
         """Hold blocks for `num_tokens` tokens in total, sharing `hit` (for a new request).
 
         False, with nothing changed, when the pool is short."""

@@ -47,7 +47,12 @@ class Attention(nn.Module):
         else:
             kg, vg = k_cache[g.kv_indices], v_cache[g.kv_indices]  # (B, L, Hkv, D)
         o = F.scaled_dot_product_attention(
-            qg, kg.transpose(1, 2), vg.transpose(1, 2),
-            attn_mask=g.mask, is_causal=g.causal, scale=self.scale, enable_gqa=True,
+            qg,
+            kg.transpose(1, 2),
+            vg.transpose(1, 2),
+            attn_mask=g.mask,
+            is_causal=g.causal,
+            scale=self.scale,
+            enable_gqa=True,
         )
         return o.transpose(1, 2).reshape(B * Lq, self.num_heads, D)

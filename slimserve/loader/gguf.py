@@ -18,7 +18,11 @@ GGUF_MAGIC = b"GGUF"
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's rotary row order: its converter interleaves each head's two halves."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 class GGUFSource(ModelSource):
@@ -29,7 +33,9 @@ class GGUFSource(ModelSource):
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != GGUF_MAGIC:
-            raise ModelLoadError(f"{path} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
+            raise ModelLoadError(
+                f"{path} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')"
+            )
         try:
             self.reader = gguf.GGUFReader(path)
         except Exception as e:  # the reader raises whatever numpy/struct raise on bad bytes
@@ -64,7 +70,9 @@ class GGUFSource(ModelSource):
         hidden = self.meta(f"{a}.embedding_length")
         if heads is None or hidden is None:
             raise ModelLoadError(f"{self.path} lacks {a}.attention.head_count/embedding_length")
-        vocab = self.meta(f"{a}.vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
+        vocab = self.meta(f"{a}.vocab_size") or len(
+            self.reader.fields["tokenizer.ggml.tokens"].data
+        )
         return ModelConfig(
             architecture=a,
             vocab_size=int(vocab),

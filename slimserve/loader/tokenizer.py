@@ -28,10 +28,12 @@ def _byte_level():
 
 
 def _split_then_bytes(regex: str):
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def _digits_then_bytes():
@@ -50,8 +52,15 @@ PRE_TOKENIZERS = {
 }
 
 # Token texts that end a turn in common chat formats; treated as end-of-generation when present.
-END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>",
-                     "<end_of_turn>", "<|end|>", "</s>")
+END_OF_TURN_TEXTS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "</s>",
+)
 
 # GGUF token types (llama.cpp's llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -60,8 +69,15 @@ _CONTROL, _USER_DEFINED = 3, 4
 class Tokenizer:
     """Encode, decode and render chat prompts the way the model's own tokenizer does."""
 
-    def __init__(self, fast: FastTokenizer, *, bos_id: int | None, eos_ids: set[int],
-                 add_bos: bool, chat_template: str | None):
+    def __init__(
+        self,
+        fast: FastTokenizer,
+        *,
+        bos_id: int | None,
+        eos_ids: set[int],
+        add_bos: bool,
+        chat_template: str | None,
+    ):
         self.fast = fast
         self.bos_id = bos_id
         self.eos_ids = frozenset(eos_ids)
@@ -95,12 +111,20 @@ class Tokenizer:
         fast = FastTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         fast.pre_tokenizer = PRE_TOKENIZERS[pre]()
         fast.decoder = decoders.ByteLevel()
-        added = [AddedToken(tok, special=typ == _CONTROL, normalized=False)
-                 for tok, typ in zip(tokens, types) if typ in (_CONTROL, _USER_DEFINED)]
+        added = [
+            AddedToken(tok, special=typ == _CONTROL, normalized=False)
+            for tok, typ in zip(tokens, types)
+            if typ in (_CONTROL, _USER_DEFINED)
+        ]
         fast.add_tokens([a for a in added if not a.special])
         fast.add_special_tokens([a for a in added if a.special])
-        eos_ids = {source.meta("tokenizer.ggml.eos_token_id"), source.meta("tokenizer.ggml.eot_token_id")}
-        eos_ids |= {vocab[t] for t in END_OF_TURN_TEXTS if t in vocab and types[vocab[t]] == _CONTROL}
+        eos_ids = {
+            source.meta("tokenizer.ggml.eos_token_id"),
+            source.meta("tokenizer.ggml.eot_token_id"),
+        }
+        eos_ids |= {
+            vocab[t] for t in END_OF_TURN_TEXTS if t in vocab and types[vocab[t]] == _CONTROL
+        }
         eos_ids.discard(None)
         return cls(
             fast,
@@ -134,8 +158,13 @@ class Tokenizer:
         eos_ids = set(eos_from_config) | {token_id("eos_token")}
         eos_ids.discard(None)
         # The post-processor of tokenizer.json adds BOS when the model wants it; do not add twice.
-        return cls(fast, bos_id=token_id("bos_token"), eos_ids=eos_ids, add_bos=False,
-                   chat_template=template)
+        return cls(
+            fast,
+            bos_id=token_id("bos_token"),
+            eos_ids=eos_ids,
+            add_bos=False,
+            chat_template=template,
+        )
 
     # -- encode / decode ----------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -147,8 +176,9 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.fast.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **kwargs) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
+    ) -> str:
         if not self.chat_template:
             raise InvalidRequest("this model has no chat template; send a raw prompt instead")
         _check_messages(messages)
@@ -156,8 +186,13 @@ class Tokenizer:
             self._template = _jinja_env().from_string(self.chat_template)
         bos = self.token_text(self.bos_id) if self.bos_id is not None else ""
         eos = self.token_text(min(self.eos_ids)) if self.eos_ids else ""
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=bos, eos_token=eos, **kwargs)
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos,
+            eos_token=eos,
+            **kwargs,
+        )
 
     def detokenizer(self, skip_special_tokens: bool = True) -> DecodeStream:
         """A stream decoder that only emits text once its UTF-8 bytes are complete."""
@@ -176,8 +211,9 @@ def _check_messages(messages) -> None:
         raise InvalidRequest("messages must be a non-empty list", param="messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content", ""), str):
-            raise InvalidRequest(f"messages[{i}] must have a 'role' and string 'content'",
-                                 param="messages")
+            raise InvalidRequest(
+                f"messages[{i}] must have a 'role' and string 'content'", param="messages"
+            )
 
 
 def _raise(message: str):

@@ -60,7 +60,9 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tied_head: LMHead | None):
         super().__init__()
         scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
-        self.rotary = rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, scaling)
+        self.rotary = rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position, cfg.rope_theta, scaling
+        )
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tied_head)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -8,8 +8,12 @@ from torch import nn
 from slimserve.errors import ModelLoadError
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                 packed: dict[str, tuple[str, int]], skip: tuple[str, ...] = ()) -> None:
+def load_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    packed: dict[str, tuple[str, int]],
+    skip: tuple[str, ...] = (),
+) -> None:
     """Modules with a `load(leaf, tensor, shard)` method place their own tensors (layout, shards);
     other parameters are copied as they are. Every expected (parameter, shard) must arrive."""
     expected = set()

@@ -6,13 +6,26 @@ import sys
 
 
 def slimserve(*args, stdin=None, timeout=180):
-    return subprocess.run([sys.executable, "-m", "slimserve", *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "slimserve", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_generate_answers(gguf_path):
-    r = slimserve("generate", "What is the capital of France?", "--max-tokens", "24",
-                  "--temperature", "0", "--model", gguf_path)
+    r = slimserve(
+        "generate",
+        "What is the capital of France?",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--model",
+        gguf_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
 
@@ -20,8 +33,14 @@ def test_generate_answers(gguf_path):
 def test_chat_keeps_history_and_exits_on_eof(llm):
     from slimserve import SamplingParams
 
-    r = slimserve("chat", "--temperature", "0", "--max-tokens", "32",
-                  stdin="My name is Ada.\nWhat is my name?\n")
+    r = slimserve(
+        "chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "32",
+        stdin="My name is Ada.\nWhat is my name?\n",
+    )
     assert r.returncode == 0, r.stderr
     turns = r.stdout.split(">>> ")
     assert len(turns) == 4  # two turns, then the prompt that met EOF
@@ -29,7 +48,10 @@ def test_chat_keeps_history_and_exits_on_eof(llm):
     p = SamplingParams(max_tokens=32, temperature=0.0)
     history = [{"role": "user", "content": "My name is Ada."}]
     first = llm.chat(history, p)[0].outputs[0].text
-    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "What is my name?"}]
+    history += [
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "What is my name?"},
+    ]
     second = llm.chat(history, p)[0].outputs[0].text
     assert turns[1].strip() == first.strip()
     assert turns[2].strip() == second.strip()
@@ -37,8 +59,18 @@ def test_chat_keeps_history_and_exits_on_eof(llm):
 
 def test_bench_latency_writes_json(tmp_path):
     out = tmp_path / "lat.json"
-    r = slimserve("bench", "latency", "--runs", "1", "--prompt-len", "64", "--decode-tokens", "8",
-                  "--output", str(out))
+    r = slimserve(
+        "bench",
+        "latency",
+        "--runs",
+        "1",
+        "--prompt-len",
+        "64",
+        "--decode-tokens",
+        "8",
+        "--output",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert data["prefill_tok_s"] > 0 and data["decode_tok_s"] > 0

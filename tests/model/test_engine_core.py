@@ -8,8 +8,10 @@ import torch
 
 from slimserve import LLM, SamplingParams
 
-SYSTEM = ("You are a meticulous assistant for a library. Answer questions about books, authors "
-          "and opening hours precisely and politely. ") * 12
+SYSTEM = (
+    "You are a meticulous assistant for a library. Answer questions about books, authors "
+    "and opening hours precisely and politely. "
+) * 12
 
 
 def chat_ids(llm, question, system=SYSTEM):
@@ -33,10 +35,14 @@ def solo(llm, prompts, params):
 
 def test_mixed_batch_equals_each_request_alone(llm, cold_llm):
     g = torch.Generator().manual_seed(0)
-    prompts = [[1], chat_ids(llm, "Hi"), torch.randint(100, 40000, (2000,), generator=g).tolist(),
-               chat_ids(llm, "Where is the poetry section?"),
-               torch.randint(100, 40000, (300,), generator=g).tolist(),
-               llm.tokenizer.encode("The capital of France is")]
+    prompts = [
+        [1],
+        chat_ids(llm, "Hi"),
+        torch.randint(100, 40000, (2000,), generator=g).tolist(),
+        chat_ids(llm, "Where is the poetry section?"),
+        torch.randint(100, 40000, (300,), generator=g).tolist(),
+        llm.tokenizer.encode("The capital of France is"),
+    ]
     params = [greedy(5), greedy(24), greedy(8), greedy(40, stop=["."]), greedy(16), greedy(12)]
     batch = [o.outputs[0] for o in llm.generate(prompts, params)]
     alone = solo(cold_llm, prompts, params)
@@ -81,12 +87,14 @@ def test_divergent_and_partial_block_prefixes(llm, cold_llm):
 
 
 def test_chunked_prefill_with_a_tiny_budget(gguf_path, llm):
-    tiny = LLM(gguf_path, kv_cache_memory="128MiB", max_num_batched_tokens=7,
-               enable_prefix_caching=False)
+    tiny = LLM(
+        gguf_path, kv_cache_memory="128MiB", max_num_batched_tokens=7, enable_prefix_caching=False
+    )
     prompts = [chat_ids(llm, "Tell me about whales."), llm.tokenizer.encode("Once upon a time")]
     params = [greedy(12), greedy(12)]
-    assert ([o.outputs[0].token_ids for o in tiny.generate(prompts, params)]
-            == [o.token_ids for o in solo(llm, prompts, params)])
+    assert [o.outputs[0].token_ids for o in tiny.generate(prompts, params)] == [
+        o.token_ids for o in solo(llm, prompts, params)
+    ]
     assert tiny.engine.stats().last_batch_tokens <= 7
 
 
@@ -100,7 +108,9 @@ def test_preemption_under_a_tiny_kv_budget_keeps_outputs(gguf_path, llm):
     outs = small.generate(prompts, params)
     assert small.engine.stats().preemptions > 0
     assert all(o.finished and len(o.outputs[0].token_ids) == 64 for o in outs)
-    assert [o.outputs[0].token_ids for o in outs] == [o.token_ids for o in solo(llm, prompts, params)]
+    assert [o.outputs[0].token_ids for o in outs] == [
+        o.token_ids for o in solo(llm, prompts, params)
+    ]
     assert small.engine.runner.kv.num_free_blocks == 48
 
 

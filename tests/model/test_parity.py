@@ -54,7 +54,9 @@ def hf_greedy(hf_model, ids, n):
         for _ in range(n):
             tok = int(res.logits[0, -1].argmax())
             out.append(tok)
-            res = hf_model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
+            res = hf_model(
+                torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True
+            )
     return out
 
 

@@ -26,7 +26,10 @@ def tok(llm):
 
 @pytest.mark.parametrize("text", CORPUS, ids=range(len(CORPUS)))
 def test_ids_match_transformers(tok, hf_tokenizer, text):
-    assert tok.encode(text, add_special_tokens=False) == hf_tokenizer(text, add_special_tokens=False).input_ids
+    assert (
+        tok.encode(text, add_special_tokens=False)
+        == hf_tokenizer(text, add_special_tokens=False).input_ids
+    )
 
 
 @pytest.mark.parametrize("text", CORPUS, ids=range(len(CORPUS)))
@@ -62,8 +65,9 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template_matches_transformers(tok, hf_tokenizer, messages, add_generation_prompt):
     ours = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    ref = hf_tokenizer.apply_chat_template(messages, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt)
+    ref = hf_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     assert ours == ref
 
 

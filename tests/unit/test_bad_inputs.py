@@ -46,9 +46,11 @@ def test_directory_without_config(tmp_path):
 
 
 def test_corrupt_safetensors(tmp_path):
-    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "vocab_size": 8,'
-                                          '"hidden_size": 8, "intermediate_size": 8,'
-                                          '"num_hidden_layers": 1, "num_attention_heads": 2}')
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "vocab_size": 8,'
+        '"hidden_size": 8, "intermediate_size": 8,'
+        '"num_hidden_layers": 1, "num_attention_heads": 2}'
+    )
     (tmp_path / "model.safetensors").write_bytes(os.urandom(64))
     with pytest.raises(ModelLoadError, match="truncated or corrupt"):
         list(open_model(str(tmp_path)).weights())
@@ -77,14 +79,17 @@ def test_unknown_architecture_hf(tmp_path):
         open_model(str(tmp_path))
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_k=-5), "top_k"),
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(stop=[""]), "stop"),
-    (dict(logprobs=100), "logprobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-5), "top_k"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(stop=[""]), "stop"),
+        (dict(logprobs=100), "logprobs"),
+    ],
+)
 def test_invalid_sampling_params(kwargs, param):
     with pytest.raises(InvalidRequest) as e:
         SamplingParams(**kwargs)
@@ -107,10 +112,13 @@ def test_default_model_missing_is_explained(monkeypatch):
         LLM()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["generate", "hi", "--temperature", "-1"], "error: temperature must be in [0, 100]"),
-    (["generate", "hi", "--model", "/no/such/model.gguf"], "error: model path does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hi", "--temperature", "-1"], "error: temperature must be in [0, 100]"),
+        (["generate", "hi", "--model", "/no/such/model.gguf"], "error: model path does not exist"),
+    ],
+)
 def test_cli_errors_are_one_line_and_exit_2(args, message):
     r = subprocess.run([sys.executable, "-m", "slimserve", *args], capture_output=True, text=True)
     assert r.returncode == 2

@@ -24,9 +24,11 @@ class EngineBookkeeping(RuleBasedStateMachine):
         self.live: dict[str, Request] = {}
         self.n = 0
 
-    @rule(prefix=st.sampled_from([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9], []]),
-          extra=st.lists(st.integers(0, 50), min_size=1, max_size=20),
-          max_tokens=st.integers(1, 12))
+    @rule(
+        prefix=st.sampled_from([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9], []]),
+        extra=st.lists(st.integers(0, 50), min_size=1, max_size=20),
+        max_tokens=st.integers(1, 12),
+    )
     def add(self, prefix, extra, max_tokens):
         ids = prefix + extra
         if self.kv.blocks_needed(len(ids) + max_tokens) > NUM_BLOCKS:
@@ -78,16 +80,19 @@ class EngineBookkeeping(RuleBasedStateMachine):
         assert not self.kv.req_blocks
 
 
-EngineBookkeeping.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
-                                               deadline=None)
+EngineBookkeeping.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None
+)
 TestBlockAccounting = EngineBookkeeping.TestCase
 
 
 def test_every_request_eventually_finishes():
     kv = KVCacheManager(NUM_BLOCKS, BS)
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=6), kv)
-    reqs = [Request(f"r{i}", None, list(range(i, i + 30)), SamplingParams(max_tokens=20),
-                    frozenset()) for i in range(6)]
+    reqs = [
+        Request(f"r{i}", None, list(range(i, i + 30)), SamplingParams(max_tokens=20), frozenset())
+        for i in range(6)
+    ]
     for r in reqs:
         sched.add(r)
     for _ in range(2000):

