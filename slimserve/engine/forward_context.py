@@ -16,9 +16,10 @@ import torch
 class AttentionGroup:
     """A contiguous run [start, end) of the flat batch viewed as (num_seqs, q_len) queries.
 
-    kv_indices: (num_seqs, kv_len) flat KV-cache slots to attend to; a slice of the flat cache when
-    num_seqs is 1 and its blocks are consecutive; None when the group is a single fresh prompt
-    with no earlier context (it attends to its own new keys, causally).
+    kv_indices: (num_seqs, num_blocks) block ids holding each sequence's first kv_len tokens
+    (padded); a slice of cache slots when num_seqs is 1 and its blocks are consecutive; None when
+    the group is a single fresh prompt with no earlier context (it attends to its own new keys,
+    causally).
     mask: (num_seqs, 1, q_len, kv_len) bool, True = attend; None when every key is visible
     (or, with `causal`, when plain causal masking is exact).
     """
@@ -30,6 +31,8 @@ class AttentionGroup:
     kv_indices: torch.Tensor | slice | None
     mask: torch.Tensor | None
     causal: bool
+    kv_len: int = 0
+    block_size: int = 0
 
 
 @dataclass(slots=True)

@@ -37,14 +37,14 @@ class ModelRunner:
         )
         # Zeroed, not empty: padded attention slots must hold finite numbers (0 * NaN is NaN).
         slots = self.num_blocks * self.block_size
+        # Head-major (Hkv, slots, D) per layer and K/V: see layers/attention.py.
         self.kv_cache = torch.zeros(
-            model_config.num_layers, 2, slots, model_config.num_kv_heads, model_config.head_dim
+            model_config.num_layers, 2, model_config.num_kv_heads, slots, model_config.head_dim
         )
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         for i, attn in enumerate(layers):
             attn.kv_cache = (self.kv_cache[i, 0], self.kv_cache[i, 1])
         self.sampler = Sampler()
-        self._offsets = torch.arange(self.block_size)
 
     @property
     def capacity_tokens(self) -> int:
@@ -110,32 +110,29 @@ class ModelRunner:
             sample_reqs,
         )
 
-    def _slots(self, tables: list[list[int]], length: int) -> torch.Tensor | slice:
-        """(B, length) flat slot ids of positions 0..length-1 for each block table (padded).
+    def _blocks(self, tables: list[list[int]], length: int) -> torch.Tensor | slice:
+        """(B, nblk) block ids covering positions 0..length-1 of each table (padded with 0).
 
-        One table of consecutive blocks gives a slice instead: attention then reads a view of
-        the cache rather than gathering a copy (the common case for a lone request)."""
-        if len(tables) == 1 and tables[0] == list(
-            range(tables[0][0], tables[0][0] + len(tables[0]))
-        ):
-            first = tables[0][0] * self.block_size
-            return slice(first, first + length)
-        width = max(len(t) for t in tables)
-        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
-        return (padded.unsqueeze(-1) * self.block_size + self._offsets).view(len(tables), -1)[
-            :, :length
-        ]
+        One table of consecutive blocks gives a slice of slots instead: attention then reads a
+        view of the cache rather than gathering a copy (the common case for a lone request)."""
+        nblk = -(-length // self.block_size)
+        head = tables[0][:nblk]
+        if len(tables) == 1 and head == list(range(head[0], head[0] + nblk)):
+            return slice(head[0] * self.block_size, head[0] * self.block_size + length)
+        rows = [t[:nblk] + [0] * (nblk - len(t[:nblk])) for t in tables]
+        return torch.tensor(rows, dtype=torch.long)
 
     def _decode_group(self, decodes) -> AttentionGroup:
         lens = [r.num_computed_tokens + 1 for r, _ in decodes]
         L = max(lens)
-        kv_indices = self._slots([self.kv.block_ids(r.request_id) for r, _ in decodes], L)
+        blocks = self._blocks([self.kv.block_ids(r.request_id) for r, _ in decodes], L)
         mask = None
         if min(lens) != L:
             mask = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[
                 :, None, None, :
             ]
-        return AttentionGroup(0, len(decodes), len(decodes), 1, kv_indices, mask, causal=False)
+        return AttentionGroup(0, len(decodes), len(decodes), 1, blocks, mask, causal=False,
+                              kv_len=L, block_size=self.block_size)
 
     def _prefill_group(self, first: int, start: int, n: int, table: list[int]) -> AttentionGroup:
         if start == 0:  # a fresh prompt attends to its own new keys, plain causal
@@ -143,4 +140,6 @@ class ModelRunner:
         L = start + n
         q_pos = torch.arange(start, L).unsqueeze(1)
         mask = (torch.arange(L).unsqueeze(0) <= q_pos)[None, None]  # (1, 1, n, L)
-        return AttentionGroup(first, first + n, 1, n, self._slots([table], L), mask, causal=False)
+        blocks = self._blocks([table], L)
+        return AttentionGroup(first, first + n, 1, n, blocks, mask, causal=False, kv_len=L,
+                              block_size=self.block_size)

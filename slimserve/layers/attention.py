@@ -1,9 +1,11 @@
 """Attention over the paged KV cache.
 
-The KV cache of one layer is a pair of flat tensors (num_blocks * block_size, Hkv, D): slot
-`block_id * block_size + offset` holds one token. New keys/values are scattered to their slots,
-then each attention group gathers the slots it needs. Only attention sees per-sequence shapes;
-every other layer works on the flat (T, hidden) batch with no padding.
+One layer's cache is a pair of head-major tensors (Hkv, num_blocks * block_size, D): slot
+`block_id * block_size + offset` holds one token. Head-major keeps each head's block a contiguous
+(block_size, D) tile, so gathering a sequence's blocks copies 4 KB rows, and the gathered
+(B, Hkv, L, D) tensor has contiguous (L, D) matrices, the layout CPU SDPA is fastest on.
+New keys/values are scattered to their slots, then each attention group reads what it needs.
+Only attention sees per-sequence shapes; every other layer works on the flat (T, hidden) batch.
 """
 
 import torch
@@ -26,33 +28,42 @@ class Attention(nn.Module):
         """q: (T, H, D), k/v: (T, Hkv, D) -> (T, H * D)."""
         ctx = get_forward_context()
         k_cache, v_cache = self.kv_cache
-        k_cache.index_copy_(0, ctx.slot_mapping, k)
-        v_cache.index_copy_(0, ctx.slot_mapping, v)
+        k_cache.index_copy_(1, ctx.slot_mapping, k.transpose(0, 1))
+        v_cache.index_copy_(1, ctx.slot_mapping, v.transpose(0, 1))
         T, H, D = q.shape
         if len(ctx.groups) == 1:
-            return self._group(ctx.groups[0], q, k, v, k_cache, v_cache).reshape(T, H * D)
+            return self._group(ctx.groups[0], q, k, v).reshape(T, H * D)
         out = q.new_empty(T, H, D)
         for g in ctx.groups:
-            out[g.start : g.end] = self._group(g, q, k, v, k_cache, v_cache)
+            out[g.start : g.end] = self._group(g, q, k, v)
         return out.view(T, H * D)
 
-    def _group(self, g, q, k, v, k_cache, v_cache) -> torch.Tensor:
+    def _context(self, g, cache: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, L, D) keys or values of the group's sequences, read from the cache."""
+        if isinstance(g.kv_indices, slice):  # one sequence, consecutive blocks: a view
+            return cache[:, g.kv_indices].unsqueeze(0)
+        blocks = g.kv_indices  # (B, nblk) block ids
+        B, nblk = blocks.shape
+        Hkv, _, D = cache.shape
+        tiles = cache.view(Hkv, -1, g.block_size * D).index_select(1, blocks.view(-1))
+        return tiles.view(Hkv, B, nblk * g.block_size, D)[:, :, : g.kv_len].transpose(0, 1)
+
+    def _group(self, g, q, k, v) -> torch.Tensor:
         B, Lq, D = g.num_seqs, g.q_len, self.head_dim
-        qg = q[g.start : g.end].view(B, Lq, self.num_heads, D).transpose(1, 2)  # (B, H, Lq, D)
-        if g.kv_indices is None:
-            kg = k[g.start : g.end].view(B, Lq, self.num_kv_heads, D)
-            vg = v[g.start : g.end].view(B, Lq, self.num_kv_heads, D)
-        elif isinstance(g.kv_indices, slice):  # one sequence, consecutive blocks: a view
-            kg, vg = k_cache[g.kv_indices].unsqueeze(0), v_cache[g.kv_indices].unsqueeze(0)
+        Hkv, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        if g.kv_indices is None:  # fresh prompt: its own new keys, causal
+            kg = k[g.start : g.end].view(B, Lq, Hkv, D).transpose(1, 2)
+            vg = v[g.start : g.end].view(B, Lq, Hkv, D).transpose(1, 2)
         else:
-            kg, vg = k_cache[g.kv_indices], v_cache[g.kv_indices]  # (B, L, Hkv, D)
-        o = F.scaled_dot_product_attention(
-            qg,
-            kg.transpose(1, 2),
-            vg.transpose(1, 2),
-            attn_mask=g.mask,
-            is_causal=g.causal,
-            scale=self.scale,
-            enable_gqa=True,
-        )
+            k_cache, v_cache = self.kv_cache
+            kg, vg = self._context(g, k_cache), self._context(g, v_cache)
+        if Lq == 1:
+            # Decode: the G query heads sharing a KV head become G query rows of that head, so
+            # each KV head is read once instead of G times. No causal mask is needed.
+            qg = q[g.start : g.end].view(B, Hkv, G, D)
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=self.scale)
+            return o.reshape(B, self.num_heads, D)
+        qg = q[g.start : g.end].view(B, Lq, self.num_heads, D).transpose(1, 2)  # (B, H, Lq, D)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, is_causal=g.causal,
+                                           scale=self.scale, enable_gqa=True)
         return o.transpose(1, 2).reshape(B * Lq, self.num_heads, D)

@@ -127,7 +127,8 @@ def test_request_that_can_never_fit_is_refused(gguf_path, llm):
 def test_abort_anywhere_frees_every_block(llm):
     engine, kv = llm.engine, llm.engine.runner.kv
     assert kv.num_free_blocks == kv.num_blocks
-    long_prompt = chat_ids(llm, "Summarise the history of the printing press. " * 40)
+    # A system prompt no other test uses, so no block of it is cached.
+    long_prompt = chat_ids(llm, "Summarise the printing press.", system="Abort test. " * 200)
     waiting = engine.add_request(chat_ids(llm, "a"), greedy(50))
     prefill = engine.add_request(long_prompt, greedy(50))
     decoding = engine.add_request(chat_ids(llm, "b"), greedy(50))
