@@ -45,7 +45,12 @@ class Attention(nn.Module):
         blocks = g.kv_indices  # (B, nblk) block ids
         B, nblk = blocks.shape
         Hkv, _, D = cache.shape
-        tiles = cache.view(Hkv, -1, g.block_size * D).index_select(1, blocks.view(-1))
+        per_head = cache.view(Hkv, -1, g.block_size * D)
+        tiles = cache.new_empty(Hkv, B * nblk, g.block_size * D)
+        # One dim-0 select per head copies whole 4 KB tiles: ~3x faster than selecting along
+        # dim 1 of the (Hkv, blocks, tile) view (docs/benchmarks.md).
+        for h in range(Hkv):
+            torch.index_select(per_head[h], 0, blocks.view(-1), out=tiles[h])
         return tiles.view(Hkv, B, nblk * g.block_size, D)[:, :, : g.kv_len].transpose(0, 1)
 
     def _group(self, g, q, k, v) -> torch.Tensor:
