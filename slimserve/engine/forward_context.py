@@ -22,6 +22,9 @@ class AttentionGroup:
     causally).
     mask: (num_seqs, 1, q_len, kv_len) bool, True = attend; None when every key is visible
     (or, with `causal`, when plain causal masking is exact).
+    shared: for a decode group whose sequences share their first shared_len tokens' blocks, where
+    those blocks are (as kv_indices for one sequence); kv_indices, kv_len and mask then describe
+    only each sequence's suffix, and the mask is additive float (0 / -inf).
     """
 
     start: int
@@ -33,6 +36,8 @@ class AttentionGroup:
     causal: bool
     kv_len: int = 0
     block_size: int = 0
+    shared: torch.Tensor | slice | None = None
+    shared_len: int = 0
 
 
 @dataclass(slots=True)

@@ -19,6 +19,21 @@ from slimserve.layers.attention import Attention
 from slimserve.sampling_params import SamplingParams
 
 
+# Cascade decode attention pays off once the shared prefix spans a few blocks.
+CASCADE_MIN_BLOCKS = 4
+
+
+def _common_prefix(tables: list[list[int]]) -> int:
+    """How many leading block ids every table has in common (shared through the prefix cache)."""
+    n = min(len(t) for t in tables)
+    first = tables[0]
+    for i in range(n):
+        b = first[i]
+        if any(t[i] != b for t in tables):
+            return i
+    return n
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
     return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
@@ -81,11 +96,14 @@ class ModelRunner:
 
     def _prepare(self, scheduled):
         bs = self.block_size
-        order = sorted(scheduled, key=lambda rn: rn[1] != 1)  # decodes first; sort is stable
         ids, pos, slots, groups, logits_rows, sample_reqs = [], [], [], [], [], []
-        decodes = [(r, n) for r, n in order if n == 1]
-        if decodes:
-            groups.append(self._decode_group(decodes))
+        # Decodes first, as one attention group per run of sequences sharing a prefix (cascade)
+        # and one for the rest; then each prompt chunk.
+        order = []
+        for run, cascade in self._plan_decodes([r for r, n in scheduled if n == 1]):
+            groups.append(self._decode_group(run, len(order), cascade))
+            order += [(r, 1) for r in run]
+        order += [(r, n) for r, n in scheduled if n != 1]
         for r, n in order:
             start = r.num_computed_tokens
             table = self.kv.block_ids(r.request_id)
@@ -122,17 +140,53 @@ class ModelRunner:
         rows = [t[:nblk] + [0] * (nblk - len(t[:nblk])) for t in tables]
         return torch.tensor(rows, dtype=torch.long)
 
-    def _decode_group(self, decodes) -> AttentionGroup:
-        lens = [r.num_computed_tokens + 1 for r, _ in decodes]
+    def _plan_decodes(self, reqs: list[Request]) -> list[tuple[list[Request], int]]:
+        """Runs of decoding requests, each with the number of leading blocks all of them share
+        (0 for the last run, which holds every request that shares too little)."""
+        by_first: dict[int, list[Request]] = {}
+        for r in reqs:
+            by_first.setdefault(self.kv.block_ids(r.request_id)[0], []).append(r)
+        runs, rest = [], []
+        for run in by_first.values():
+            tables = [self.kv.block_ids(r.request_id) for r in run]
+            newest = min(r.num_computed_tokens for r in run)  # shared blocks end before it
+            common = min(_common_prefix(tables), newest // self.block_size)
+            if len(run) > 1 and common >= CASCADE_MIN_BLOCKS:
+                runs.append((run, common))
+            else:
+                rest += run
+        return runs + ([(rest, 0)] if rest else [])
+
+    def _decode_group(self, reqs: list[Request], start: int, common: int) -> AttentionGroup:
+        lens = [r.num_computed_tokens + 1 for r in reqs]
+        tables = [self.kv.block_ids(r.request_id) for r in reqs]
+        if common:
+            return self._cascade_group(start, tables, lens, common)
         L = max(lens)
-        blocks = self._blocks([self.kv.block_ids(r.request_id) for r, _ in decodes], L)
+        blocks = self._blocks(tables, L)
         mask = None
         if min(lens) != L:
             mask = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[
                 :, None, None, :
             ]
-        return AttentionGroup(0, len(decodes), len(decodes), 1, blocks, mask, causal=False,
+        return AttentionGroup(start, start + len(reqs), len(reqs), 1, blocks, mask, causal=False,
                               kv_len=L, block_size=self.block_size)
+
+    def _cascade_group(self, start: int, tables, lens, common: int) -> AttentionGroup:
+        """Sequences sharing their first `common` blocks (prefix-cache hits on one prompt)."""
+        shared_len = common * self.block_size  # < every len: the newest token's block is private
+        suffix = [n - shared_len for n in lens]
+        L = max(suffix)
+        blocks = self._blocks([t[common:] for t in tables], L)  # B > 1: always (B, nblk)
+        mask = None
+        if min(suffix) != L:
+            visible = torch.arange(L).unsqueeze(0) < torch.tensor(suffix).unsqueeze(1)
+            mask = torch.zeros(len(lens), 1, 1, L).masked_fill_(~visible[:, None, None, :],
+                                                                 float("-inf"))
+        return AttentionGroup(start, start + len(lens), len(lens), 1, blocks, mask, causal=False,
+                              kv_len=L, block_size=self.block_size,
+                              shared=self._blocks([tables[0][:common]], shared_len),
+                              shared_len=shared_len)
 
     def _prefill_group(self, first: int, start: int, n: int, table: list[int]) -> AttentionGroup:
         if start == 0:  # a fresh prompt attends to its own new keys, plain causal

@@ -14,6 +14,9 @@ from torch import nn
 
 from slimserve.engine.forward_context import get_forward_context
 
+# SDPA that also returns the log-sum-exp of each query row, which merging partial attentions needs.
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
@@ -38,20 +41,42 @@ class Attention(nn.Module):
             out[g.start : g.end] = self._group(g, q, k, v)
         return out.view(T, H * D)
 
-    def _context(self, g, cache: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, L, D) keys or values of the group's sequences, read from the cache."""
-        if isinstance(g.kv_indices, slice):  # one sequence, consecutive blocks: a view
-            return cache[:, g.kv_indices].unsqueeze(0)
-        blocks = g.kv_indices  # (B, nblk) block ids
-        B, nblk = blocks.shape
+    @staticmethod
+    def _read(cache: torch.Tensor, where, length: int, block_size: int) -> torch.Tensor:
+        """(B, Hkv, length, D) keys or values: `where` is a slice of slots or (B, nblk) blocks."""
+        if isinstance(where, slice):  # one sequence, consecutive blocks: a view
+            return cache[:, where].unsqueeze(0)
+        B, nblk = where.shape
         Hkv, _, D = cache.shape
-        per_head = cache.view(Hkv, -1, g.block_size * D)
-        tiles = cache.new_empty(Hkv, B * nblk, g.block_size * D)
+        per_head = cache.view(Hkv, -1, block_size * D)
+        tiles = cache.new_empty(Hkv, B * nblk, block_size * D)
         # One dim-0 select per head copies whole 4 KB tiles: ~3x faster than selecting along
         # dim 1 of the (Hkv, blocks, tile) view (docs/benchmarks.md).
         for h in range(Hkv):
-            torch.index_select(per_head[h], 0, blocks.view(-1), out=tiles[h])
-        return tiles.view(Hkv, B, nblk * g.block_size, D)[:, :, : g.kv_len].transpose(0, 1)
+            torch.index_select(per_head[h], 0, where.view(-1), out=tiles[h])
+        return tiles.view(Hkv, B, nblk * block_size, D)[:, :, :length].transpose(0, 1)
+
+    def _context(self, g, cache: torch.Tensor) -> torch.Tensor:
+        return self._read(cache, g.kv_indices, g.kv_len, g.block_size)
+
+    def _cascade(self, g, qg: torch.Tensor) -> torch.Tensor:
+        """Decode attention for sequences that share their first `g.shared_len` tokens' blocks.
+
+        All B * G query rows attend to the shared prefix in one call (its KV is read once, not B
+        times); each sequence attends to its own suffix; the two partial softmaxes are merged by
+        their log-sum-exps. qg: (B, Hkv, G, D) -> (B, Hkv, G, D)."""
+        B, Hkv, G, D = qg.shape
+        k_cache, v_cache = self.kv_cache
+        ks = self._read(k_cache, g.shared, g.shared_len, g.block_size)  # (1, Hkv, P, D)
+        vs = self._read(v_cache, g.shared, g.shared_len, g.block_size)
+        q_all = qg.permute(1, 0, 2, 3).reshape(1, Hkv, B * G, D)
+        o1, lse1 = _flash(q_all, ks, vs, scale=self.scale)
+        o1 = o1.view(Hkv, B, G, D).transpose(0, 1)
+        lse1 = lse1.view(Hkv, B, G).transpose(0, 1)
+        o2, lse2 = _flash(qg, self._context(g, k_cache), self._context(g, v_cache),
+                          attn_mask=g.mask, scale=self.scale)
+        lse = torch.logaddexp(lse1, lse2)
+        return o1 * (lse1 - lse).exp_().unsqueeze(-1) + o2 * (lse2 - lse).exp_().unsqueeze(-1)
 
     def _group(self, g, q, k, v) -> torch.Tensor:
         B, Lq, D = g.num_seqs, g.q_len, self.head_dim
@@ -59,6 +84,8 @@ class Attention(nn.Module):
         if g.kv_indices is None:  # fresh prompt: its own new keys, causal
             kg = k[g.start : g.end].view(B, Lq, Hkv, D).transpose(1, 2)
             vg = v[g.start : g.end].view(B, Lq, Hkv, D).transpose(1, 2)
+        elif g.shared is not None:
+            kg = vg = None  # read inside _cascade
         else:
             k_cache, v_cache = self.kv_cache
             kg, vg = self._context(g, k_cache), self._context(g, v_cache)
@@ -66,6 +93,8 @@ class Attention(nn.Module):
             # Decode: the G query heads sharing a KV head become G query rows of that head, so
             # each KV head is read once instead of G times. No causal mask is needed.
             qg = q[g.start : g.end].view(B, Hkv, G, D)
+            if g.shared is not None:
+                return self._cascade(g, qg).reshape(B, self.num_heads, D)
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=self.scale)
             return o.reshape(B, self.num_heads, D)
         qg = q[g.start : g.end].view(B, Lq, self.num_heads, D).transpose(1, 2)  # (B, H, Lq, D)

@@ -154,3 +154,29 @@ def test_stats_move(llm):
     s1 = llm.engine.stats()
     assert s1.steps > s0.steps and s1.prefix_cache_queries > s0.prefix_cache_queries
     assert s1.tokens_computed > s0.tokens_computed and s1.running == s1.waiting == 0
+
+
+def test_cascade_attention_over_a_shared_prefix_keeps_outputs(llm, cold_llm):
+    """Decoding requests that share cached prefix blocks attend to them once (cascade); each
+    output must equal the request run alone without any prefix cache."""
+    from slimserve.engine import model_runner
+
+    system = "Cascade test system prompt about gardening and soil. " * 12
+    prompts = [chat_ids(llm, q, system) for q in ("Roses?", "Tulips in spring?", "Cacti?",
+                                                  "How deep to plant garlic?")]
+    llm.generate(prompts[:1], greedy(1))  # warm the prefix cache so the batch shares blocks
+    groups = []
+    real = model_runner.ModelRunner._cascade_group
+
+    def spy(self, *a):
+        g = real(self, *a)
+        groups.append(g)
+        return g
+
+    model_runner.ModelRunner._cascade_group = spy
+    try:
+        batch = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(16))]
+    finally:
+        model_runner.ModelRunner._cascade_group = real
+    assert groups and groups[0].num_seqs == 4 and groups[0].shared_len >= 4 * 16
+    assert batch == [o.token_ids for o in solo(cold_llm, prompts, [greedy(16)] * 4)]
