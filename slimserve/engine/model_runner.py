@@ -18,7 +18,6 @@ from slimserve.kv_cache.manager import KVCacheManager
 from slimserve.layers.attention import Attention
 from slimserve.sampling_params import SamplingParams
 
-
 # Cascade decode attention pays off once the shared prefix spans a few blocks.
 CASCADE_MIN_BLOCKS = 4
 
@@ -169,8 +168,17 @@ class ModelRunner:
             mask = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[
                 :, None, None, :
             ]
-        return AttentionGroup(start, start + len(reqs), len(reqs), 1, blocks, mask, causal=False,
-                              kv_len=L, block_size=self.block_size)
+        return AttentionGroup(
+            start,
+            start + len(reqs),
+            len(reqs),
+            1,
+            blocks,
+            mask,
+            causal=False,
+            kv_len=L,
+            block_size=self.block_size,
+        )
 
     def _cascade_group(self, start: int, tables, lens, common: int) -> AttentionGroup:
         """Sequences sharing their first `common` blocks (prefix-cache hits on one prompt)."""
@@ -181,12 +189,22 @@ class ModelRunner:
         mask = None
         if min(suffix) != L:
             visible = torch.arange(L).unsqueeze(0) < torch.tensor(suffix).unsqueeze(1)
-            mask = torch.zeros(len(lens), 1, 1, L).masked_fill_(~visible[:, None, None, :],
-                                                                 float("-inf"))
-        return AttentionGroup(start, start + len(lens), len(lens), 1, blocks, mask, causal=False,
-                              kv_len=L, block_size=self.block_size,
-                              shared=self._blocks([tables[0][:common]], shared_len),
-                              shared_len=shared_len)
+            mask = torch.zeros(len(lens), 1, 1, L).masked_fill_(
+                ~visible[:, None, None, :], float("-inf")
+            )
+        return AttentionGroup(
+            start,
+            start + len(lens),
+            len(lens),
+            1,
+            blocks,
+            mask,
+            causal=False,
+            kv_len=L,
+            block_size=self.block_size,
+            shared=self._blocks([tables[0][:common]], shared_len),
+            shared_len=shared_len,
+        )
 
     def _prefill_group(self, first: int, start: int, n: int, table: list[int]) -> AttentionGroup:
         if start == 0:  # a fresh prompt attends to its own new keys, plain causal
@@ -195,5 +213,6 @@ class ModelRunner:
         q_pos = torch.arange(start, L).unsqueeze(1)
         mask = (torch.arange(L).unsqueeze(0) <= q_pos)[None, None]  # (1, 1, n, L)
         blocks = self._blocks([table], L)
-        return AttentionGroup(first, first + n, 1, n, blocks, mask, causal=False, kv_len=L,
-                              block_size=self.block_size)
+        return AttentionGroup(
+            first, first + n, 1, n, blocks, mask, causal=False, kv_len=L, block_size=self.block_size
+        )

@@ -73,8 +73,13 @@ class Attention(nn.Module):
         o1, lse1 = _flash(q_all, ks, vs, scale=self.scale)
         o1 = o1.view(Hkv, B, G, D).transpose(0, 1)
         lse1 = lse1.view(Hkv, B, G).transpose(0, 1)
-        o2, lse2 = _flash(qg, self._context(g, k_cache), self._context(g, v_cache),
-                          attn_mask=g.mask, scale=self.scale)
+        o2, lse2 = _flash(
+            qg,
+            self._context(g, k_cache),
+            self._context(g, v_cache),
+            attn_mask=g.mask,
+            scale=self.scale,
+        )
         lse = torch.logaddexp(lse1, lse2)
         return o1 * (lse1 - lse).exp_().unsqueeze(-1) + o2 * (lse2 - lse).exp_().unsqueeze(-1)
 
@@ -98,6 +103,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=self.scale)
             return o.reshape(B, self.num_heads, D)
         qg = q[g.start : g.end].view(B, Lq, self.num_heads, D).transpose(1, 2)  # (B, H, Lq, D)
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, is_causal=g.causal,
-                                           scale=self.scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=g.mask, is_causal=g.causal, scale=self.scale, enable_gqa=True
+        )
         return o.transpose(1, 2).reshape(B * Lq, self.num_heads, D)

@@ -162,8 +162,10 @@ def test_cascade_attention_over_a_shared_prefix_keeps_outputs(llm, cold_llm):
     from slimserve.engine import model_runner
 
     system = "Cascade test system prompt about gardening and soil. " * 12
-    prompts = [chat_ids(llm, q, system) for q in ("Roses?", "Tulips in spring?", "Cacti?",
-                                                  "How deep to plant garlic?")]
+    prompts = [
+        chat_ids(llm, q, system)
+        for q in ("Roses?", "Tulips in spring?", "Cacti?", "How deep to plant garlic?")
+    ]
     llm.generate(prompts[:1], greedy(1))  # warm the prefix cache so the batch shares blocks
     groups = []
     real = model_runner.ModelRunner._cascade_group

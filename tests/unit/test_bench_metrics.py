@@ -8,8 +8,14 @@ from slimserve.bench.metrics import RequestRecord, parse_slos, summarize
 
 
 def record(prompt, out, ttft, gaps, error=None):
-    return RequestRecord(prompt_tokens=prompt, output_tokens=out, ttft=ttft, itl=list(gaps),
-                         e2e=ttft + sum(gaps), error=error)
+    return RequestRecord(
+        prompt_tokens=prompt,
+        output_tokens=out,
+        ttft=ttft,
+        itl=list(gaps),
+        e2e=ttft + sum(gaps),
+        error=error,
+    )
 
 
 def test_known_timelines():
@@ -55,8 +61,9 @@ def test_random_requests_are_seeded_and_sized():
 
 
 def test_shared_prefix_groups():
-    reqs = shared_prefix_requests(groups=3, per_group=4, prefix_len=50, question_len=10,
-                                  output_len=8, vocab=1000, seed=0)
+    reqs = shared_prefix_requests(
+        groups=3, per_group=4, prefix_len=50, question_len=10, output_len=8, vocab=1000, seed=0
+    )
     assert len(reqs) == 12
     prefixes = {tuple(r.prompt[:50]) for r in reqs}
     assert len(prefixes) == 3

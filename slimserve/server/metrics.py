@@ -1,0 +1,90 @@
+"""Prometheus metrics: request-level histograms we observe, engine state read at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class EngineCollector:
+    def __init__(self, async_engine):
+        self.async_engine = async_engine
+
+    def collect(self):
+        s = self.async_engine.stats()
+        yield GaugeMetricFamily(
+            "slimserve_num_requests_running", "Requests in the batch", value=s.running
+        )
+        yield GaugeMetricFamily(
+            "slimserve_num_requests_waiting", "Requests queued", value=s.waiting
+        )
+        used = s.kv_blocks_total - s.kv_blocks_free
+        yield GaugeMetricFamily(
+            "slimserve_kv_cache_usage_ratio",
+            "KV blocks in use / total",
+            value=used / max(s.kv_blocks_total, 1),
+        )
+        yield GaugeMetricFamily("slimserve_kv_cache_blocks_used", "KV blocks in use", value=used)
+        for name, doc, value in (
+            ("slimserve_prefix_cache_queries", "Prompt tokens looked up", s.prefix_cache_queries),
+            ("slimserve_prefix_cache_hits", "Prompt tokens found cached", s.prefix_cache_hits),
+            ("slimserve_preemptions", "Requests preempted", s.preemptions),
+            ("slimserve_engine_steps", "Engine steps run", s.steps),
+            ("slimserve_tokens_computed", "Tokens the model ran", s.tokens_computed),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+class Metrics:
+    def __init__(self, async_engine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "slimserve_requests", "Finished requests by status", ["status"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "slimserve_prompt_tokens", "Prompt tokens received", registry=r
+        )
+        self.generation_tokens = Counter(
+            "slimserve_generation_tokens", "Tokens generated", registry=r
+        )
+        self.ttft = Histogram(
+            "slimserve_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "slimserve_time_per_output_token_seconds",
+            "Mean time per output token after the first",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "slimserve_e2e_request_latency_seconds",
+            "Request latency",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        r.register(EngineCollector(async_engine))
+
+    def observe(
+        self,
+        status: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        start: float,
+        first: float | None,
+        end: float,
+    ) -> None:
+        self.requests.labels(status).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        self.e2e.observe(end - start)
+        if first is not None:
+            self.ttft.observe(first - start)
+            if output_tokens > 1:
+                self.tpot.observe((end - first) / (output_tokens - 1))

@@ -1,0 +1,284 @@
+"""OpenAI-compatible API: answers equal LLM.generate; streaming, errors, disconnects, metrics."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from slimserve import SamplingParams
+
+from .conftest import API_KEY, ServerProcess, metric
+
+MODEL = "smollm2"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def reference(llm, messages=None, prompt=None, max_tokens=24):
+    text = prompt if prompt is not None else llm.tokenizer.apply_chat_template(messages)
+    return llm.generate(text, SamplingParams(max_tokens=max_tokens, temperature=0.0))[0]
+
+
+def test_chat_equals_llm_generate(client, llm):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
+    ref = reference(llm, QUESTION)
+    assert r.choices[0].message.content == ref.outputs[0].text
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == ref.outputs[0].finish_reason
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert r.usage.completion_tokens == len(ref.outputs[0].token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_equals_llm_generate(client, llm):
+    prompt = "The three primary colours are"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+    assert r.choices[0].text == reference(llm, prompt=prompt, max_tokens=20).outputs[0].text
+    ids = llm.tokenizer.encode(prompt)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=20, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+    two = client.completions.create(
+        model=MODEL, prompt=[prompt, "Hello"], max_tokens=5, temperature=0
+    )
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[1].text == reference(llm, prompt="Hello", max_tokens=5).outputs[0].text
+
+
+def test_stream_equals_non_stream_with_usage(client):
+    kwargs = dict(model=MODEL, messages=QUESTION, max_tokens=32, temperature=0)
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals == [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    stream = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0, stream=True
+    )
+    streamed = "".join(c.choices[0].text for c in stream)
+    assert (
+        streamed
+        == client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0
+        )
+        .choices[0]
+        .text
+    )
+
+
+def test_sse_wire_format_ends_with_done(http):
+    with http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": QUESTION, "max_tokens": 4, "stream": True},
+    ) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_sampling_fields_and_n(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_completion_tokens=8,
+        temperature=0.9,
+        top_p=0.9,
+        seed=3,
+        n=2,
+        stop=["\n"],
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True},
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    again = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_completion_tokens=8,
+        temperature=0.9,
+        top_p=0.9,
+        seed=3,
+        n=2,
+        stop=["\n"],
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True},
+    )
+    assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy takes the top one
+    c = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0, logprobs=2)
+    assert len(c.choices[0].logprobs.token_logprobs) == 3
+
+
+def test_models_endpoint(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_concurrent_streaming_clients(aclient, llm):
+    prompts = [[{"role": "user", "content": f"Count from {i} to {i + 5}."}] for i in range(4)]
+    expected = [reference(llm, p, max_tokens=24).outputs[0].text for p in prompts]
+
+    async def one(i):
+        stream = await aclient.chat.completions.create(
+            model=MODEL, messages=prompts[i % 4], max_tokens=24, temperature=0, stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    texts = asyncio.run(all_of_them())
+    assert texts == [expected[i % 4] for i in range(32)]
+
+
+BAD = [
+    ("not json", 400, None),
+    ({"model": MODEL}, 400, "messages"),
+    ({"model": MODEL, "messages": "hello"}, 400, "messages"),
+    ({"model": MODEL, "messages": QUESTION, "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL, "messages": QUESTION, "temperature": 5}, 400, "temperature"),
+    ({"model": MODEL, "messages": QUESTION, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "messages": QUESTION, "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ({"model": "gpt-4", "messages": QUESTION}, 404, None),
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD, ids=range(len(BAD)))
+def test_bad_input_gets_openai_error_and_server_stays_healthy(http, body, status, param):
+    kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+    r = http.post("/v1/chat/completions", headers={"Content-Type": "application/json"}, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param
+    if body is BAD[6][0]:
+        assert "8192" in err["message"] and "100000" in err["message"]
+    ok = http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 2}
+    )
+    assert ok.status_code == 200
+
+
+def test_api_key_is_enforced(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            headers=headers,
+            json={"model": MODEL, "messages": QUESTION},
+        )
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(server, http):
+    blocks_before = metric(http, "slimserve_kv_cache_blocks_used")
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
+    ) as c:
+        with c.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": QUESTION,
+                "max_tokens": 2000,
+                "stream": True,
+                "ignore_eos": True,
+            },
+        ) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 5:
+                    break  # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if metric(http, "slimserve_num_requests_running") == 0:
+            break
+        time.sleep(0.1)
+    assert metric(http, "slimserve_num_requests_running") == 0
+    assert metric(http, "slimserve_kv_cache_blocks_used") == blocks_before
+
+
+def test_disconnect_while_waiting_non_streaming(server, http):
+    blocks_before = metric(http, "slimserve_kv_cache_blocks_used")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            server.url + "/v1/completions",
+            timeout=1.5,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={
+                "model": MODEL,
+                "prompt": "Tell a long story.",
+                "max_tokens": 2000,
+                "ignore_eos": True,
+            },
+        )
+    deadline = time.monotonic() + 10
+    while metric(http, "slimserve_num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(http, "slimserve_num_requests_running") == 0
+    assert metric(http, "slimserve_kv_cache_blocks_used") == blocks_before
+
+
+def test_metrics_parse_and_move(http, client):
+    before = metric(http, "slimserve_generation_tokens_total")
+    hist = metric(http, "slimserve_time_to_first_token_seconds_count")
+    client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0)
+    assert metric(http, "slimserve_generation_tokens_total") > before
+    assert metric(http, "slimserve_time_to_first_token_seconds_count") == hist + 1
+    assert metric(http, "slimserve_requests_total") >= 1
+    assert metric(http, "slimserve_prefix_cache_queries_total") > 0
+
+
+def test_queue_full_gets_503_with_retry_after_then_shutdown_is_clean():
+    srv = ServerProcess("--max-queue", "1", "--max-num-seqs", "1")
+    try:
+
+        async def flood():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+                return await asyncio.gather(
+                    *(
+                        c.post("/v1/completions", json={"prompt": f"Story {i}:", "max_tokens": 8})
+                        for i in range(8)
+                    )
+                )
+
+        responses = asyncio.run(flood())
+        codes = [r.status_code for r in responses]
+        assert 200 in codes and 503 in codes
+        busy = next(r for r in responses if r.status_code == 503)
+        assert busy.headers["retry-after"] and busy.json()["error"]["type"] == "capacity_error"
+        assert (
+            httpx.post(
+                srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}
+            ).status_code
+            == 200
+        )
+    finally:
+        code, log = srv.stop()
+    assert code == 0, log
+    assert "serving" in log and "KV cache" in log
