@@ -39,6 +39,22 @@ def _post(url: str, body: dict, timeout: float = 3600) -> dict:
         return json.loads(r.read())
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, name: str, timeout: float = 180) -> None:
+    """Poll `url`/health until it answers 200; raise if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{name} did not become healthy in {timeout:.0f} s")
+
+
 class LlamaServer:
     """`with LlamaServer(gguf, threads=2, parallel=8, ctx_per_slot=2048) as srv: srv.url`."""
 
@@ -71,18 +87,8 @@ class LlamaServer:
     def __enter__(self) -> LlamaServer:
         self.log = open(os.devnull, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("llama-server did not become healthy in 120 s")
+        wait_healthy(self.proc, self.url, "llama-server")
+        return self
 
     def __exit__(self, *exc):
         self.proc.terminate()

@@ -152,17 +152,11 @@ class OurServer:
         ] + (["--model", model] if model else [])
 
     def __enter__(self):
+        from slimserve.bench.peers import wait_healthy
+
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"slimserve serve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise RuntimeError("slimserve serve did not come up")
+        wait_healthy(self.proc, self.url, "slimserve serve")
+        return self
 
     def __exit__(self, *exc):
         self.proc.terminate()

@@ -5,10 +5,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+
+from slimserve.bench.peers import wait_healthy
 
 API_KEY = "test-key"
 
@@ -40,16 +41,11 @@ class ServerProcess:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise RuntimeError("server did not come up")
+        try:
+            wait_healthy(self.proc, self.url, "slimserve serve")
+        except RuntimeError:
+            self.proc.kill()
+            raise RuntimeError(f"server did not come up:\n{self.proc.communicate()[0]}") from None
 
     def stop(self) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
