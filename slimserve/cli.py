@@ -174,6 +174,14 @@ def cmd_bench(args) -> int:
         from slimserve.bench.throughput import run_throughput
 
         run_throughput(args)
+    elif args.bench_kind == "compare":
+        from slimserve.bench.compare import run_compare
+
+        try:
+            run_compare(args)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     elif args.bench_kind == "serve":
         from slimserve.bench.serving import run_serving
 
@@ -264,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--model", default=None, help="GGUF both engines load (default model)")
     srv.add_argument("--threads", type=int, default=None)
-    srv.add_argument("--dataset", default="random", choices=["random", "shared-prefix", "file"])
+    srv.add_argument(
+        "--dataset", default="random", choices=["random", "shared-prefix", "multi-turn", "file"]
+    )
+    srv.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    srv.add_argument("--reply-len", type=int, default=64, help="multi-turn: earlier replies")
     srv.add_argument("--file", default=None, help="JSONL prompts for --dataset file")
     srv.add_argument("--num-prompts", type=int, default=64)
     srv.add_argument("--input-len", type=int, default=200)
@@ -278,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--slo", default=None, help="e.g. ttft_ms=2000,tpot_ms=100 for goodput")
     srv.add_argument("--seed", type=int, default=0)
     srv.add_argument("--output", default=None, help="write results as JSON here")
+    cmp_ = bsub.add_parser("compare", help="ratios between two result files (B / A)")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
     bench.set_defaults(func=cmd_bench)
     return parser
 

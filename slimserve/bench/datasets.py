@@ -79,3 +79,39 @@ def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -
     rng = np.random.default_rng(seed)
     gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n)
     return np.cumsum(gaps).tolist()
+
+
+@dataclass
+class Conversation:
+    """Turns sent one after another, each resending the whole history, as chat apps do."""
+
+    turns: list[BenchRequest]
+
+
+def multi_turn_conversations(
+    n: int,
+    turns: int,
+    system_len: int,
+    user_len: int,
+    reply_len: int,
+    output_len: int,
+    vocab: int,
+    seed: int = 0,
+) -> list[Conversation]:
+    """n conversations of `turns` turns. The earlier assistant replies in each history are fixed
+    random tokens (not the server's answers), so every engine sees the same prompts."""
+    rng = np.random.default_rng(seed)
+
+    def rand(k):
+        return rng.integers(100, vocab - 100, k).tolist()
+
+    out = []
+    for _ in range(n):
+        history = rand(system_len)
+        convo = []
+        for _ in range(turns):
+            history = history + rand(user_len)
+            convo.append(BenchRequest(list(history), len(history), output_len))
+            history = history + rand(reply_len)
+        out.append(Conversation(convo))
+    return out

