@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 
 from slimserve.config import CacheConfig, EngineConfig, SchedulerConfig, parse_bytes
@@ -45,9 +46,13 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion (batched together); outputs in prompt order."""
+        """Run every prompt to completion (batched together); outputs in prompt order.
+
+        `use_tqdm` None shows a progress bar (requests done, tok/s) for several prompts on a
+        terminal. `priority`: one integer per prompt, lower is served first (default 0)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -55,10 +60,15 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or one for all")
+        priority = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priority) != len(prompts):
+            raise ValueError("one priority per prompt")
+        if use_tqdm is None:
+            use_tqdm = len(prompts) > 1 and sys.stderr.isatty()
         ids = []
         try:
-            for p, sp in zip(prompts, params):
-                ids.append(self.engine.add_request(p, sp))
+            for p, sp, prio in zip(prompts, params, priority):
+                ids.append(self.engine.add_request(p, sp, priority=prio))
         except Exception:
             for rid in ids:
                 self.engine.abort(rid)
@@ -69,7 +79,7 @@ class LLM:
         self,
         messages: list[dict] | Sequence[list[dict]],
         sampling_params: SamplingParams | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list), then generate."""

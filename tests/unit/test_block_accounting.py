@@ -129,3 +129,13 @@ def test_free_queue_is_lru():
     pool.touch(a)  # a cache hit revives a from the middle of the list
     assert [x.block_id for x in pool.free_queue] == [b.block_id, c.block_id]
     assert isinstance(pool.free_queue, FreeBlockQueue)
+
+
+def test_priority_orders_admission():
+    kv = KVCacheManager(NUM_BLOCKS, BS)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64), kv)
+    low = Request("low", None, [1, 2, 3], SamplingParams(), frozenset(), priority=5)
+    high = Request("high", None, [4, 5, 6], SamplingParams(), frozenset(), priority=-1)
+    sched.add(low)
+    sched.add(high)
+    assert [r.request_id for r, _ in sched.schedule().scheduled] == ["high"]
