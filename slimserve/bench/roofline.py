@@ -21,9 +21,19 @@ def _best(fn, runs: int = 5) -> float:
     return best
 
 
-def gemm_gflops(m: int, k: int = 576, n: int = 1536) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    return 2 * m * k * n / _best(lambda: a @ b) / 1e9
+def gemm_gflops(m: int, shapes: list[tuple[int, int]]) -> float:
+    """fp32 x @ W over a chain of (in, out) weights: one layer of the model, several times over
+    (a single small GEMM is too short to time reliably on a shared machine)."""
+    ws = [torch.randn(k, n) for k, n in shapes] * 4
+    xs = {k: torch.randn(m, k) for k, _ in shapes}
+    flops = sum(2 * m * w.shape[0] * w.shape[1] for w in ws)
+    return flops / _best(lambda: [xs[w.shape[0]] @ w for w in ws]) / 1e9
+
+
+def layer_shapes(model) -> list[tuple[int, int]]:
+    """(in, out) of every linear weight in the model's first layer."""
+    layer = model.model.layers[0]
+    return [tuple(p.shape) for n, p in layer.named_parameters() if p.dim() == 2]
 
 
 def gemv_gb_s(k: int = 576, n: int = 49152) -> float:
@@ -59,8 +69,8 @@ def run_roofline(args) -> dict:
     bw = measure_bandwidth()
     limits = {
         "memory_bandwidth_gb_s": bw / 1e9,
-        "fp32_gemm_gflops_m512": gemm_gflops(512),
-        "fp32_gemm_gflops_m64": gemm_gflops(64),
+        "fp32_gemm_gflops_m512": gemm_gflops(512, layer_shapes(model)),
+        "fp32_gemm_gflops_m64": gemm_gflops(64, layer_shapes(model)),
         "fp32_gemv_gb_s": gemv_gb_s(),
         "int8_weight_gflops_m1": int8_gflops(1),
         "int8_weight_gflops_m64": int8_gflops(64),
