@@ -166,38 +166,22 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.bench_kind == "latency":
-        from slimserve.bench.latency import run_latency
+    from importlib import import_module
 
-        run_latency(args)
-    elif args.bench_kind == "throughput":
-        from slimserve.bench.throughput import run_throughput
-
-        run_throughput(args)
-    elif args.bench_kind == "roofline":
-        from slimserve.bench.roofline import run_roofline
-
-        run_roofline(args)
-    elif args.bench_kind == "report":
-        from slimserve.bench.report import run_report
-
-        run_report(args)
-    elif args.bench_kind == "compare":
-        from slimserve.bench.compare import run_compare
-
-        try:
-            run_compare(args)
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    elif args.bench_kind == "serve":
-        from slimserve.bench.serving import run_serving
-
-        try:
-            run_serving(args)
-        except (RuntimeError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    runners = {
+        "latency": ("latency", "run_latency"),
+        "throughput": ("throughput", "run_throughput"),
+        "serve": ("serving", "run_serving"),
+        "roofline": ("roofline", "run_roofline"),
+        "report": ("report", "run_report"),
+        "compare": ("compare", "run_compare"),
+    }
+    module, func = runners[args.bench_kind]
+    try:
+        getattr(import_module(f"slimserve.bench.{module}"), func)(args)
+    except (RuntimeError, ValueError, OSError) as e:  # a peer or URL down, a bad results file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,213 @@
+"""Shaping engine outputs into OpenAI responses: one HTTP request's choices, streamed as SSE
+chunks or collected into one JSON body. Submission happens before any byte is sent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+if TYPE_CHECKING:
+    from slimserve.server.api import Server
+
+
+async def respond(srv: Server, request: Request, body, prompts, params, chat: bool):
+    """Submit every choice's request, then stream or collect. Submission errors (bad prompt,
+    too long, queue full) raise before any byte of the response is sent."""
+    base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    queue: asyncio.Queue = asyncio.Queue()
+    streams = []
+    try:
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            streams.append(srv.engine.submit(p, sp, f"{base}-{i}", queue))
+    except BaseException:
+        for s in streams:
+            s.close()
+        raise
+    job = _Job(srv, base, body, prompts, streams, queue, chat)
+    if body.stream:
+        return StreamingResponse(job.sse(), media_type="text/event-stream")
+    task = asyncio.ensure_future(job.collect())
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.2)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()  # its finally aborts every choice
+            return Response(status_code=499)
+    return JSONResponse(task.result())
+
+
+class _Job:
+    """One HTTP request's choices, merged from one queue, shaped as OpenAI responses."""
+
+    def __init__(self, srv, base, body, prompts, streams, queue, chat):
+        self.srv, self.id, self.body, self.chat = srv, base, body, chat
+        self.prompts, self.streams, self.queue = prompts, streams, queue
+        self.index = {s.request_id: i for i, s in enumerate(streams)}
+        self.created = int(time.time())
+        self.start = time.monotonic()
+        self.first: dict[int, float] = {}
+        self.sent_text = [""] * len(streams)
+        self.sent_tokens = [0] * len(streams)
+        self.finals: dict[int, object] = {}
+
+    async def outputs(self):
+        """(choice index, RequestOutput) as the engine produces them; aborts leftovers on exit."""
+        try:
+            while len(self.finals) < len(self.streams):
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"engine failed: {item}")
+                i = self.index[item.request_id]
+                if item.outputs[0].token_ids and i not in self.first:
+                    self.first[i] = time.monotonic()
+                if item.finished:
+                    self.finals[i] = item
+                    self.streams[i].finished = True
+                    self._observe(i, item)
+                yield i, item
+        finally:
+            for i, s in enumerate(self.streams):
+                if i not in self.finals:
+                    s.close()
+                    self.srv.metrics.requests.labels("abort").inc()
+
+    def _observe(self, i, out):
+        c = out.outputs[0]
+        self.srv.metrics.observe(
+            c.finish_reason or "abort",
+            len(out.prompt_token_ids),
+            len(c.token_ids),
+            self.start,
+            self.first.get(i),
+            time.monotonic(),
+        )
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.prompts[:: self.body.n])
+        completion = sum(len(o.outputs[0].token_ids) for o in self.finals.values())
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def _logprobs(self, completion, start: int, end: int):
+        if completion.logprobs is None:
+            return None
+        n = self.body.top_logprobs if self.chat else self.body.logprobs
+        text = self.srv.token_text
+        toks = completion.token_ids[start:end]
+        entries = completion.logprobs[start:end]
+        ranked = [sorted(e.items(), key=lambda kv: -kv[1])[: n or 0] for e in entries]
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": text(t),
+                        "logprob": e[t],
+                        "bytes": list(text(t).encode()),
+                        "top_logprobs": [
+                            {"token": text(a), "logprob": lp, "bytes": list(text(a).encode())}
+                            for a, lp in r
+                        ],
+                    }
+                    for t, e, r in zip(toks, entries, ranked)
+                ]
+            }
+        return {
+            "tokens": [text(t) for t in toks],
+            "token_logprobs": [e[t] for t, e in zip(toks, entries)],
+            "top_logprobs": [{text(a): lp for a, lp in r} for r in ranked],
+        }
+
+    async def collect(self) -> dict:
+        async for _ in self.outputs():
+            pass
+        choices = []
+        for i in range(len(self.streams)):
+            c = self.finals[i].outputs[0]
+            lp = self._logprobs(c, 0, len(c.token_ids))
+            if self.chat:
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+            else:
+                choices.append(
+                    {"index": i, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+                )
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.srv.served_name,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+
+    def _chunk(self, choices: list, usage: dict | None = None) -> str:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.srv.served_name,
+            "choices": choices,
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def sse(self):
+        if self.chat:
+            yield self._chunk(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for i in range(len(self.streams))
+                ]
+            )
+        try:
+            async for i, out in self.outputs():
+                c = out.outputs[0]
+                delta = c.text[len(self.sent_text[i]) :]
+                lp = self._logprobs(c, self.sent_tokens[i], len(c.token_ids))
+                self.sent_text[i], self.sent_tokens[i] = c.text, len(c.token_ids)
+                if not delta and not out.finished and lp is None:
+                    continue
+                if self.chat:
+                    choice = {
+                        "index": i,
+                        "delta": {"content": delta} if delta else {},
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                    }
+                else:
+                    choice = {
+                        "index": i,
+                        "text": delta,
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                    }
+                yield self._chunk([choice])
+        except RuntimeError as e:
+            err = {
+                "error": {"message": str(e), "type": "internal_error", "param": None, "code": None}
+            }
+            yield f"data: {json.dumps(err)}\n\n"
+            return
+        if self.body.include_usage:
+            yield self._chunk([], self.usage())
+        yield "data: [DONE]\n\n"
