@@ -35,7 +35,6 @@ class Request:
         self.status = RequestStatus.WAITING
         self.all_token_ids = list(prompt_token_ids)
         self.num_computed_tokens = 0
-        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_ids = frozenset(params.stop_token_ids) | (
@@ -45,7 +44,6 @@ class Request:
             torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         )
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
-        self.first_token_time: float | None = None
         self.detokenizer = None  # set by the engine: text so far, stop strings
 
     @property
@@ -70,5 +68,3 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
-        if self.first_token_time is None:
-            self.first_token_time = time.monotonic()

@@ -76,7 +76,7 @@ class Scheduler:
             if not self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
                 break
             self.kv.record_lookup(req.num_tokens, hit)
-            req.num_computed_tokens = req.num_cached_tokens = hit.num_tokens
+            req.num_computed_tokens = hit.num_tokens
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
             self.running.append(req)

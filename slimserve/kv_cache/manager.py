@@ -26,10 +26,6 @@ class CacheStats:
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # of those, tokens found cached
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.queries if self.queries else 0.0
-
 
 class KVCacheManager:
     def __init__(
