@@ -24,6 +24,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument(
+        "--quantization",
+        default=None,
+        choices=["int8"],
+        help="int8: weight-only int8 linears (~2x faster decode on CPU)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -52,6 +58,7 @@ def make_llm(args, progress: bool = True):
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         num_threads=args.threads,
+        quantization=args.quantization,
         progress=progress and sys.stderr.isatty(),
     )
     print(

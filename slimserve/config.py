@@ -100,3 +100,10 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     num_threads: int | None = None
+    quantization: str | None = None  # None (weights as loaded, fp32) or "int8"
+
+    def __post_init__(self):
+        if self.quantization not in (None, "int8"):
+            raise InvalidRequest(
+                f"unknown quantization {self.quantization!r}; supported: int8", param="quantization"
+            )

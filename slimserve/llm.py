@@ -31,6 +31,7 @@ class LLM:
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
         num_threads: int | None = None,
+        quantization: str | None = None,
         progress: bool = False,
     ):
         config = EngineConfig(
@@ -38,6 +39,7 @@ class LLM:
             cache=CacheConfig(parse_bytes(kv_cache_memory), block_size, enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             num_threads=num_threads,
+            quantization=quantization,
         )
         self.engine = Engine(config, progress=progress)
         self.tokenizer = self.engine.tokenizer

@@ -38,16 +38,16 @@ def decode_bytes_per_step(model: torch.nn.Module, context_len: int, kv_bytes_per
 
     The embedding lookup reads one row; when it is tied to the LM head it is read in full there.
     """
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    tensors = list(model.named_parameters(remove_duplicate=False))
+    # Quantized weights are buffers; rotary tables are buffers too, but only a row is read.
+    tensors += [(n, b) for n, b in model.named_buffers() if not n.endswith((".cos", ".sin"))]
     seen, total = set(), 0
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
+    for name, t in tensors:
+        if id(t) in seen or (name.endswith("embed_tokens.weight") and not tied):
             continue
-        if name.endswith("embed_tokens.weight") and not getattr(
-            model.config, "tie_word_embeddings", False
-        ):
-            continue
-        seen.add(id(p))
-        total += p.numel() * p.element_size()
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
     return total + context_len * kv_bytes_per_token
 
 

@@ -65,6 +65,10 @@ class Engine:
         self.model_config = self.source.config
         self.tokenizer = self.source.tokenizer()
         self.model = load_model(self.source, progress)
+        if config.quantization:
+            from slimserve.quant import quantize_model
+
+            quantize_model(self.model, config.quantization)
         self.runner = ModelRunner(self.model, self.model_config, config.cache)
         self.scheduler = Scheduler(config.scheduler, self.runner.kv)
         self.max_model_len = min(
