@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 from slimserve.config import CacheConfig, EngineConfig, SchedulerConfig, parse_bytes
 from slimserve.engine.engine import Engine
+from slimserve.errors import InvalidRequest
 from slimserve.outputs import RequestOutput
 from slimserve.sampling_params import SamplingParams
 
@@ -61,10 +62,10 @@ class LLM:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
-            raise ValueError("one SamplingParams per prompt, or one for all")
+            raise InvalidRequest("one SamplingParams per prompt, or one for all")
         priority = list(priority) if priority is not None else [0] * len(prompts)
         if len(priority) != len(prompts):
-            raise ValueError("one priority per prompt")
+            raise InvalidRequest("one priority per prompt", param="priority")
         if use_tqdm is None:
             use_tqdm = len(prompts) > 1 and sys.stderr.isatty()
         ids = []

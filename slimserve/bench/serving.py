@@ -153,9 +153,9 @@ class OurServer:
     """`slimserve serve` as a subprocess: the same process layout a user runs."""
 
     def __init__(self, model: str | None, threads: int, extra: list[str]):
-        from slimserve.bench.peers import _free_port
+        from slimserve.bench.peers import free_port
 
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
             sys.executable,

@@ -98,14 +98,15 @@ class ModelRunner:
         ids, pos, slots, groups, logits_rows, sample_reqs = [], [], [], [], [], []
         # Decodes first, as one attention group per run of sequences sharing a prefix (cascade)
         # and one for the rest; then each prompt chunk.
+        tables = {r.request_id: self.kv.block_ids(r.request_id) for r, _ in scheduled}
         order = []
-        for run, cascade in self._plan_decodes([r for r, n in scheduled if n == 1]):
-            groups.append(self._decode_group(run, len(order), cascade))
+        for run, common in self._plan_decodes([r for r, n in scheduled if n == 1], tables):
+            groups.append(self._decode_group(run, len(order), common, tables))
             order += [(r, 1) for r in run]
         order += [(r, n) for r, n in scheduled if n != 1]
         for r, n in order:
             start = r.num_computed_tokens
-            table = self.kv.block_ids(r.request_id)
+            table = tables[r.request_id]
             first = len(ids)
             ids += r.all_token_ids[start : start + n]
             pos += range(start, start + n)
@@ -139,35 +140,48 @@ class ModelRunner:
         rows = [t[:nblk] + [0] * (nblk - len(t[:nblk])) for t in tables]
         return torch.tensor(rows, dtype=torch.long)
 
-    def _plan_decodes(self, reqs: list[Request]) -> list[tuple[list[Request], int]]:
+    def _plan_decodes(
+        self, reqs: list[Request], tables: dict[str, list[int]]
+    ) -> list[tuple[list[Request], int]]:
         """Runs of decoding requests, each with the number of leading blocks all of them share
         (0 for the last run, which holds every request that shares too little)."""
         by_first: dict[int, list[Request]] = {}
         for r in reqs:
-            by_first.setdefault(self.kv.block_ids(r.request_id)[0], []).append(r)
+            by_first.setdefault(tables[r.request_id][0], []).append(r)
         runs, rest = [], []
         for run in by_first.values():
-            tables = [self.kv.block_ids(r.request_id) for r in run]
             newest = min(r.num_computed_tokens for r in run)  # shared blocks end before it
-            common = min(_common_prefix(tables), newest // self.block_size)
+            common = min(
+                _common_prefix([tables[r.request_id] for r in run]), newest // self.block_size
+            )
             if len(run) > 1 and common >= CASCADE_MIN_BLOCKS:
                 runs.append((run, common))
             else:
                 rest += run
         return runs + ([(rest, 0)] if rest else [])
 
-    def _decode_group(self, reqs: list[Request], start: int, common: int) -> AttentionGroup:
-        lens = [r.num_computed_tokens + 1 for r in reqs]
-        tables = [self.kv.block_ids(r.request_id) for r in reqs]
-        if common:
-            return self._cascade_group(start, tables, lens, common)
+    def _decode_group(
+        self, reqs: list[Request], start: int, common: int, tables: dict[str, list[int]]
+    ) -> AttentionGroup:
+        """One-token queries of `reqs`; with `common` shared leading blocks, a cascade group
+        (prefix attended once, then each suffix), else plain batched attention."""
+        rows = [tables[r.request_id] for r in reqs]
+        shared_len = common * self.block_size  # < every length: the newest token's block is private
+        lens = [r.num_computed_tokens + 1 - shared_len for r in reqs]
         L = max(lens)
-        blocks = self._blocks(tables, L)
         mask = None
         if min(lens) != L:
-            mask = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[
-                :, None, None, :
+            visible = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[
+                :, None, None
             ]
+            # The cascade path calls the LSE-returning kernel, which takes an additive mask.
+            mask = (
+                torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+                if common
+                else visible
+            )
+        blocks = self._blocks([t[common:] for t in rows], L)
+        shared = self._blocks([rows[0][:common]], shared_len) if common else None
         return AttentionGroup(
             start,
             start + len(reqs),
@@ -178,31 +192,7 @@ class ModelRunner:
             causal=False,
             kv_len=L,
             block_size=self.block_size,
-        )
-
-    def _cascade_group(self, start: int, tables, lens, common: int) -> AttentionGroup:
-        """Sequences sharing their first `common` blocks (prefix-cache hits on one prompt)."""
-        shared_len = common * self.block_size  # < every len: the newest token's block is private
-        suffix = [n - shared_len for n in lens]
-        L = max(suffix)
-        blocks = self._blocks([t[common:] for t in tables], L)  # B > 1: always (B, nblk)
-        mask = None
-        if min(suffix) != L:
-            visible = torch.arange(L).unsqueeze(0) < torch.tensor(suffix).unsqueeze(1)
-            mask = torch.zeros(len(lens), 1, 1, L).masked_fill_(
-                ~visible[:, None, None, :], float("-inf")
-            )
-        return AttentionGroup(
-            start,
-            start + len(lens),
-            len(lens),
-            1,
-            blocks,
-            mask,
-            causal=False,
-            kv_len=L,
-            block_size=self.block_size,
-            shared=self._blocks([tables[0][:common]], shared_len),
+            shared=shared,
             shared_len=shared_len,
         )
 

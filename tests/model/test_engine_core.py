@@ -168,17 +168,18 @@ def test_cascade_attention_over_a_shared_prefix_keeps_outputs(llm, cold_llm):
     ]
     llm.generate(prompts[:1], greedy(1))  # warm the prefix cache so the batch shares blocks
     groups = []
-    real = model_runner.ModelRunner._cascade_group
+    real = model_runner.ModelRunner._decode_group
 
     def spy(self, *a):
         g = real(self, *a)
-        groups.append(g)
+        if g.shared is not None:
+            groups.append(g)
         return g
 
-    model_runner.ModelRunner._cascade_group = spy
+    model_runner.ModelRunner._decode_group = spy
     try:
         batch = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(16))]
     finally:
-        model_runner.ModelRunner._cascade_group = real
+        model_runner.ModelRunner._decode_group = real
     assert groups and groups[0].num_seqs == 4 and groups[0].shared_len >= 4 * 16
     assert batch == [o.token_ids for o in solo(cold_llm, prompts, [greedy(16)] * 4)]

@@ -2,22 +2,15 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from slimserve.bench.peers import wait_healthy
+from slimserve.bench.peers import free_port, wait_healthy
 
 API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
