@@ -86,7 +86,7 @@ def run_throughput(args) -> dict:
         )
         row = {"num_prompts": len(prompts), "output_len": args.output_len}
         llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
-        llm.engine.runner.kv.pool.cached.clear()  # start cold: no hits from the warm-up
+        llm.engine.runner.kv.reset_prefix_cache()  # start cold: no hits from the warm-up
         row["slimserve"] = _rates(run_ours(llm, prompts, args.output_len), prompts)
         if args.peers and llama_server_binary():
             ctx = max(len(p) for p in prompts) + args.output_len + 16

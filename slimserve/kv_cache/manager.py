@@ -115,6 +115,14 @@ class KVCacheManager:
         self.stats.queries += num_prompt_tokens
         self.stats.hits += hit.num_tokens
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use keep their contents; none is freed)."""
+        for b in self.pool.blocks:
+            b.block_hash = b.key = None
+        self.pool.cached.clear()
+        for hashes in self.req_hashes.values():
+            hashes.clear()
+
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, ())]
 

@@ -139,3 +139,14 @@ def test_priority_orders_admission():
     sched.add(low)
     sched.add(high)
     assert [r.request_id for r, _ in sched.schedule().scheduled] == ["high"]
+
+
+def test_reset_prefix_cache_forgets_hits():
+    kv = KVCacheManager(NUM_BLOCKS, BS)
+    ids = list(range(13))
+    assert kv.allocate_slots("a", len(ids))
+    kv.cache_full_blocks("a", ids, len(ids))
+    kv.free("a")
+    assert kv.find_prefix(ids).num_tokens == 12
+    kv.reset_prefix_cache()
+    assert kv.find_prefix(ids).num_tokens == 0 and kv.num_free_blocks == NUM_BLOCKS
