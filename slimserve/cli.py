@@ -254,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--seed", type=int, default=0)
     thr.add_argument("--parallel", type=int, default=8, help="llama-server slots and clients")
     thr.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    thr.add_argument(
+        "--hf-prompts",
+        type=int,
+        default=16,
+        help="run transformers generate on the first N prompts as the slow reference (0: skip)",
+    )
     thr.add_argument("--output", default=None, help="write results as JSON here")
     add_engine_args(thr)
     srv = bsub.add_parser("serve", help="online serving: our server and llama-server, or any URL")

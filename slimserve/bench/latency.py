@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
+from slimserve.bench.runinfo import run_info
 from slimserve.sampling_params import SamplingParams
 
 
@@ -100,12 +100,7 @@ def run_latency(args) -> dict:
         "bandwidth_fraction": step_bytes * decode_tok_s / bw,
         "prefill_tok_s_all": prefill,
         "decode_tok_s_all": decode,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        **run_info(),
     }
     print(f"prefill ({args.prompt_len} tokens): {result['prefill_tok_s']:.1f} tok/s")
     print(f"decode (batch 1): {decode_tok_s:.1f} tok/s, {step_bytes / 1e6:.0f} MB read per step")

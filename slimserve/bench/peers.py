@@ -150,3 +150,52 @@ def llama_bench(model: str, threads: int, prompt_len: int, decode_tokens: int, r
     pp = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
     tg = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
     return {"prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"]}
+
+
+def transformers_offline(
+    model_path: str, prompts: list[list[int]], max_tokens: int, batch_size: int
+) -> dict | str:
+    """transformers' own generate on the same weights (GGUF dequantized to fp32), greedy, batched:
+    the slow reference. Returns a skip reason when transformers can't run here."""
+    import importlib.util
+
+    if not (importlib.util.find_spec("transformers") and importlib.util.find_spec("accelerate")):
+        return "skipped: transformers/accelerate not installed (pip install 'slimserve[dev]')"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isdir(model_path):
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(model_path),
+            gguf_file=os.path.basename(model_path),
+            dtype=torch.float32,
+        )
+    model.eval()
+    out_tokens = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for row, p in enumerate(chunk):  # left padding, as batched generate expects
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            out_tokens += (out.shape[1] - width) * len(chunk)
+    return {
+        "elapsed_s": time.perf_counter() - t0,
+        "output_tokens": out_tokens,
+        "num_prompts": len(prompts),
+        "batch_size": batch_size,
+    }

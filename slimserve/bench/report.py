@@ -60,6 +60,15 @@ def markdown(results_dir: str) -> str:
         out.append(
             _row(f"offline {kind}: output tok/s", ours["output_tok_s"], peer.get("output_tok_s"))
         )
+        hf = row.get("transformers")
+        if isinstance(hf, dict):
+            out.append(
+                _row(
+                    f"offline {kind}: total tok/s, transformers generate in the llama.cpp column",
+                    ours["total_tok_s"],
+                    hf["total_tok_s"],
+                )
+            )
     runs = [
         r
         for path in sorted(glob.glob(os.path.join(results_dir, "serve*.json")))

@@ -61,6 +61,7 @@ def model_costs(model) -> dict:
 
 
 def run_roofline(args) -> dict:
+    from slimserve.bench.runinfo import run_info
     from slimserve.cli import make_llm
     from slimserve.engine.model_runner import kv_bytes_per_token
 
@@ -80,7 +81,7 @@ def run_roofline(args) -> dict:
         model, 0, kv_bytes_per_token(model.config)
     )
     costs["kv_bytes_per_token"] = kv_bytes_per_token(model.config)
-    result = {"limits": limits, "model": costs}
+    result = {"limits": limits, "model": costs, **run_info()}
     print(
         f"memory bandwidth {limits['memory_bandwidth_gb_s']:.1f} GB/s; fp32 GEMM "
         f"{limits['fp32_gemm_gflops_m512']:.0f} GFLOP/s (M=512), "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from slimserve.bench.datasets import (
     shared_prefix_requests,
 )
 from slimserve.bench.metrics import RequestRecord, parse_slos, summarize
+from slimserve.bench.runinfo import run_info
 
 
 async def _send(client: httpx.AsyncClient, model: str | None, req: BenchRequest) -> RequestRecord:
@@ -191,21 +191,6 @@ def _engine_server(name: str, args, concurrency: int, gguf: str, threads: int, c
     raise ValueError(name)
 
 
-def _git_commit() -> str | None:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=os.path.dirname(__file__),
-            ).stdout.strip()
-            or None
-        )
-    except OSError:
-        return None
-
-
 def run_serving(args) -> dict:
     import torch
 
@@ -215,12 +200,7 @@ def run_serving(args) -> dict:
     slos = parse_slos(args.slo)
     result = {
         "params": {k: v for k, v in vars(args).items() if k != "func"},
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
-        "git_commit": _git_commit(),
+        **run_info(),
         "runs": [],
     }
 

@@ -66,14 +66,41 @@ def _rates(r: dict, prompts) -> dict:
     return r
 
 
+def _peer_rows(args, llm, prompts, threads) -> dict:
+    """Each peer's result on the same prompts, or the reason it was skipped."""
+    from slimserve.bench.peers import LlamaServer, llama_server_binary, transformers_offline
+
+    rows = {}
+    if llama_server_binary():
+        ctx = max(len(p) for p in prompts) + args.output_len + 16
+        with LlamaServer(llm.engine.source.path, threads, args.parallel, ctx) as srv:
+            srv.complete(prompts[0][:8], 2)  # warm-up
+            rows["llama.cpp"] = _rates(
+                srv.run_offline(prompts, args.output_len, args.parallel), prompts
+            )
+    else:
+        rows["llama.cpp"] = "skipped: llama-server not installed (pip install 'slimserve[bench]')"
+    if args.hf_prompts > 0:
+        subset = prompts[: args.hf_prompts]  # the slow reference runs on a prefix of the list
+        hf = transformers_offline(llm.engine.source.path, subset, args.output_len, args.parallel)
+        rows["transformers"] = hf if isinstance(hf, str) else _rates(hf, subset)
+    return rows
+
+
 def run_throughput(args) -> dict:
-    from slimserve.bench.peers import LlamaServer, llama_server_binary
+    from slimserve.bench.runinfo import run_info
     from slimserve.cli import make_llm
 
     llm = make_llm(args, progress=False)
     vocab = llm.engine.model_config.vocab_size
     threads = torch.get_num_threads()
-    results = {"model": llm.engine.model_name, "threads": threads, "workloads": {}}
+    results = {
+        "model": llm.engine.model_name,
+        "threads": threads,
+        "params": {k: v for k, v in vars(args).items() if k != "func"},
+        **run_info(),
+        "workloads": {},
+    }
     for kind in args.workloads:
         prompts = make_prompts(
             kind,
@@ -87,34 +114,24 @@ def run_throughput(args) -> dict:
         row = {"num_prompts": len(prompts), "output_len": args.output_len}
         llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
         llm.engine.runner.kv.reset_prefix_cache()  # start cold: no hits from the warm-up
-        row["slimserve"] = _rates(run_ours(llm, prompts, args.output_len), prompts)
-        if args.peers and llama_server_binary():
-            ctx = max(len(p) for p in prompts) + args.output_len + 16
-            with LlamaServer(llm.engine.source.path, threads, args.parallel, ctx) as srv:
-                srv.complete(prompts[0][:8], 2)  # warm-up
-                row["llama.cpp"] = _rates(
-                    srv.run_offline(prompts, args.output_len, args.parallel), prompts
-                )
-        elif args.peers:
-            row["llama.cpp"] = (
-                "skipped: llama-server not installed (pip install 'slimserve[bench]')"
-            )
-        ours = row["slimserve"]
+        row["slimserve"] = ours = _rates(run_ours(llm, prompts, args.output_len), prompts)
         print(
             f"[{kind}] slimserve: {ours['output_tok_s']:.1f} output tok/s, "
             f"{ours['total_tok_s']:.1f} total tok/s, prefix hit rate "
             f"{100 * ours['prefix_hit_rate']:.0f}%, {ours['prompt_tokens_computed']} prompt "
             f"tokens computed, {ours['preemptions']} preemptions"
         )
-        peer = row.get("llama.cpp")
-        if isinstance(peer, dict):
-            print(
-                f"[{kind}] llama.cpp: {peer['output_tok_s']:.1f} output tok/s, "
-                f"{peer['total_tok_s']:.1f} total tok/s -> ratio "
-                f"{ours['total_tok_s'] / peer['total_tok_s']:.2f}x total tok/s"
-            )
-        elif peer:
-            print(f"[{kind}] llama.cpp: {peer}")
+        if args.peers:
+            for name, peer in _peer_rows(args, llm, prompts, threads).items():
+                row[name] = peer
+                if isinstance(peer, str):
+                    print(f"[{kind}] {name}: {peer}")
+                    continue
+                print(
+                    f"[{kind}] {name}: {peer['output_tok_s']:.1f} output tok/s, "
+                    f"{peer['total_tok_s']:.1f} total tok/s -> slimserve is "
+                    f"{ours['total_tok_s'] / peer['total_tok_s']:.2f}x in total tok/s"
+                )
         results["workloads"][kind] = row
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

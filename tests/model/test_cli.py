@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 
 def slimserve(*args, stdin=None, timeout=180):
     return subprocess.run(
@@ -75,3 +77,36 @@ def test_bench_latency_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["prefill_tok_s"] > 0 and data["decode_tok_s"] > 0
     assert 0 < data["bandwidth_fraction"] < 1.5
+    assert len(data["git_commit"].removesuffix("-dirty")) == 40
+    assert data["versions"]["torch"] == torch.__version__
+    assert data["machine"]["cpus"] >= 1
+
+
+def test_bench_throughput_with_transformers_peer(tmp_path):
+    """The offline bench runs transformers generate on the same prompts as the slow reference."""
+    out = tmp_path / "thr.json"
+    r = slimserve(
+        "bench",
+        "throughput",
+        "--workloads",
+        "random",
+        "--num-prompts",
+        "4",
+        "--input-len",
+        "16",
+        "--output-len",
+        "4",
+        "--hf-prompts",
+        "2",
+        "--parallel",
+        "2",
+        "--output",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["workloads"]["random"]
+    assert row["slimserve"]["output_tokens"] == 16
+    hf = row["transformers"]
+    assert hf["num_prompts"] == 2 and hf["output_tokens"] == 8 and hf["total_tok_s"] > 0
+    peer = row["llama.cpp"]  # measured when the bench extra is installed, else a skip reason
+    assert isinstance(peer, str) and peer.startswith("skipped") or peer["output_tokens"] == 16
