@@ -26,9 +26,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument(
         "--quantization",
-        default=None,
-        choices=["int8"],
-        help="int8: weight-only int8 linears (~2x faster decode on CPU)",
+        default="auto",
+        choices=["auto", "none", "gguf", "int4", "int8"],
+        help="auto (default): a GGUF runs from its own 4/8-bit blocks, anything else in float32; "
+        "none: float32; int4/int8: quantize a float checkpoint's linears at load",
+    )
+    g.add_argument(
+        "--quant-group-size", type=int, default=32, help="int4: inputs per scale (32, 64, 128)"
     )
 
 
@@ -59,6 +63,7 @@ def make_llm(args, progress: bool = True):
         max_model_len=args.max_model_len,
         num_threads=args.threads,
         quantization=args.quantization,
+        quant_group_size=args.quant_group_size,
         progress=progress and sys.stderr.isatty(),
     )
     print(

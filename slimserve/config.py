@@ -92,6 +92,9 @@ def num_threads_from_env() -> int | None:
     return int(value) if value else None
 
 
+QUANTIZATIONS = (None, "auto", "none", "gguf", "int4", "int8")
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything an Engine is built from. `model` None means the default model."""
@@ -100,10 +103,15 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     num_threads: int | None = None
-    quantization: str | None = None  # None (weights as loaded, fp32) or "int8"
+    # None/"auto": a GGUF's blocks stay compressed where the int4 kernel reads them, else float32;
+    # "none": float32; "gguf", "int4", "int8": see slimserve/quant/__init__.py.
+    quantization: str | None = None
+    quant_group_size: int = 32  # int4's group of input features: 32, 64 or 128
 
     def __post_init__(self):
-        if self.quantization not in (None, "int8"):
+        if self.quantization not in QUANTIZATIONS:
             raise InvalidRequest(
-                f"unknown quantization {self.quantization!r}; supported: int8", param="quantization"
+                f"unknown quantization {self.quantization!r}; supported: "
+                + ", ".join(q for q in QUANTIZATIONS if q),
+                param="quantization",
             )

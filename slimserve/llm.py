@@ -33,6 +33,7 @@ class LLM:
         max_model_len: int | None = None,
         num_threads: int | None = None,
         quantization: str | None = None,
+        quant_group_size: int = 32,
         progress: bool = False,
     ):
         config = EngineConfig(
@@ -41,6 +42,7 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             num_threads=num_threads,
             quantization=quantization,
+            quant_group_size=quant_group_size,
         )
         self.engine = Engine(config, progress=progress)
         self.tokenizer = self.engine.tokenizer

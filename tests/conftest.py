@@ -22,7 +22,7 @@ def gguf_path() -> str:
 def llm(gguf_path):
     from slimserve import LLM
 
-    return LLM(gguf_path, kv_cache_memory="512MiB")
+    return LLM(gguf_path, kv_cache_memory="512MiB", quantization="none")
 
 
 @pytest.fixture(scope="session")

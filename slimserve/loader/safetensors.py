@@ -62,7 +62,7 @@ class HFDirectorySource(ModelSource):
         except KeyError as e:
             raise ModelLoadError(f"config.json in {self.path} lacks {e.args[0]!r}") from e
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, keep: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import safe_open
 
         for file in self.files:

@@ -20,7 +20,7 @@ def slimserve(*args, stdin=None, timeout=180):
 def test_generate_answers(gguf_path):
     r = slimserve(
         "generate",
-        "What is the capital of France?",
+        "Which city is the capital of France?",
         "--max-tokens",
         "24",
         "--temperature",

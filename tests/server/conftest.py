@@ -87,3 +87,12 @@ def metric(http, name: str) -> float:
             if sample.name == name:
                 return sample.value
     raise KeyError(name)
+
+
+@pytest.fixture(scope="session")
+def llm(gguf_path):
+    """The reference for server outputs: the engine as the server runs it (default quantization,
+    the GGUF's own blocks)."""
+    from slimserve import LLM
+
+    return LLM(gguf_path, kv_cache_memory="256MiB")
