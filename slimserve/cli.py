@@ -18,6 +18,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="a .gguf file or an HF directory (default: SmolLM2-135M-Instruct)",
     )
     g.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB or 2GiB")
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="float32",
+        choices=["float32", "int8"],
+        help="int8: per-token scales, ~3.8x the tokens in the same --kv-cache-memory",
+    )
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget")
@@ -57,6 +63,7 @@ def make_llm(args, progress: bool = True):
         args.model,
         kv_cache_memory=args.kv_cache_memory,
         block_size=args.block_size,
+        kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -312,7 +319,30 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("a")
     cmp_.add_argument("b")
     bench.set_defaults(func=cmd_bench)
+
+    ev = sub.add_parser("eval", help="quality measurements")
+    esub = ev.add_subparsers(dest="eval_kind", required=True)
+    ppl = esub.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    ppl.add_argument("--text", default=None, help="UTF-8 text (default: a shipped public text)")
+    ppl.add_argument("--window", type=int, default=1024, help="tokens of context per window")
+    ppl.add_argument("--stride", type=int, default=512, help="tokens between window starts")
+    ppl.add_argument("--chunk", type=int, default=128, help="prefill chunk inside a window")
+    ppl.add_argument("--max-tokens-eval", type=int, default=None, help="score only a prefix")
+    ppl.add_argument("--output", default=None, help="write results as JSON here")
+    add_engine_args(ppl)
+    ev.set_defaults(func=cmd_eval)
     return parser
+
+
+def cmd_eval(args) -> int:
+    from slimserve.eval.perplexity import run_perplexity
+
+    try:
+        run_perplexity(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ class LLM:
         kv_cache_memory: str | int = "1GiB",
         block_size: int = 16,
         enable_prefix_caching: bool = True,
+        kv_cache_dtype: str = "float32",
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
@@ -38,7 +39,9 @@ class LLM:
     ):
         config = EngineConfig(
             model=model,
-            cache=CacheConfig(parse_bytes(kv_cache_memory), block_size, enable_prefix_caching),
+            cache=CacheConfig(
+                parse_bytes(kv_cache_memory), block_size, enable_prefix_caching, kv_cache_dtype
+            ),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
             num_threads=num_threads,
             quantization=quantization,

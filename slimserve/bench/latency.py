@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from slimserve.bench.runinfo import run_info
+from slimserve.bench.runinfo import describe_memory, engine_memory, run_info
 from slimserve.sampling_params import SamplingParams
 
 
@@ -85,7 +85,9 @@ def run_latency(args) -> dict:
             decode.append((n - 1) / rest)
     decode_tok_s = statistics.median(decode)
     step_bytes = decode_bytes_per_step(
-        engine.model, 32 + args.decode_tokens // 2, kv_bytes_per_token(engine.model_config)
+        engine.model,
+        32 + args.decode_tokens // 2,
+        kv_bytes_per_token(engine.model_config, engine.runner.kv_dtype),
     )
     result = {
         "model": engine.model_name,
@@ -100,8 +102,10 @@ def run_latency(args) -> dict:
         "bandwidth_fraction": step_bytes * decode_tok_s / bw,
         "prefill_tok_s_all": prefill,
         "decode_tok_s_all": decode,
+        "memory": engine_memory(engine),
         **run_info(),
     }
+    print(describe_memory(result["memory"]))
     print(f"prefill ({args.prompt_len} tokens): {result['prefill_tok_s']:.1f} tok/s")
     print(f"decode (batch 1): {decode_tok_s:.1f} tok/s, {step_bytes / 1e6:.0f} MB read per step")
     print(

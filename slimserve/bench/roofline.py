@@ -78,9 +78,9 @@ def run_roofline(args) -> dict:
     }
     costs = model_costs(model)
     costs["decode_bytes_per_token"] = decode_bytes_per_step(
-        model, 0, kv_bytes_per_token(model.config)
+        model, 0, kv_bytes_per_token(model.config, llm.engine.runner.kv_dtype)
     )
-    costs["kv_bytes_per_token"] = kv_bytes_per_token(model.config)
+    costs["kv_bytes_per_token"] = kv_bytes_per_token(model.config, llm.engine.runner.kv_dtype)
     result = {"limits": limits, "model": costs, **run_info()}
     print(
         f"memory bandwidth {limits['memory_bandwidth_gb_s']:.1f} GB/s; fp32 GEMM "

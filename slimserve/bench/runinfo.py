@@ -51,3 +51,38 @@ def run_info() -> dict:
         },
         "git_commit": git_commit(),
     }
+
+
+def engine_memory(engine) -> dict:
+    """The engine's mode and what it holds: resident weight bytes (parameters and buffers), KV
+    bytes per token, the KV cache's size in tokens."""
+    from slimserve.engine.model_runner import kv_bytes_per_token
+
+    tensors = list(engine.model.parameters()) + list(engine.model.buffers())
+    return {
+        "quantization": engine.model.quantization,
+        "kv_cache_dtype": engine.runner.kv_dtype,
+        "weight_bytes": sum(t.numel() * t.element_size() for t in tensors if not t.is_meta),
+        "kv_bytes_per_token": kv_bytes_per_token(engine.model_config, engine.runner.kv_dtype),
+        "kv_capacity_tokens": engine.runner.capacity_tokens,
+        "model_file_bytes": _file_bytes(engine.source.path),
+    }
+
+
+def _file_bytes(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(
+            os.path.getsize(os.path.join(path, f))
+            for f in os.listdir(path)
+            if f.endswith(".safetensors")
+        )
+    return os.path.getsize(path)
+
+
+def describe_memory(m: dict) -> str:
+    return (
+        f"weights {m['quantization']}: {m['weight_bytes'] / 1e6:.0f} MB resident "
+        f"({m['weight_bytes'] / m['model_file_bytes']:.2f}x the model file); KV cache "
+        f"{m['kv_cache_dtype']}: {m['kv_bytes_per_token'] / 1e3:.1f} KB per token, "
+        f"{m['kv_capacity_tokens']} tokens"
+    )

@@ -88,7 +88,7 @@ def _peer_rows(args, llm, prompts, threads) -> dict:
 
 
 def run_throughput(args) -> dict:
-    from slimserve.bench.runinfo import run_info
+    from slimserve.bench.runinfo import describe_memory, engine_memory, run_info
     from slimserve.cli import make_llm
 
     llm = make_llm(args, progress=False)
@@ -98,9 +98,11 @@ def run_throughput(args) -> dict:
         "model": llm.engine.model_name,
         "threads": threads,
         "params": {k: v for k, v in vars(args).items() if k != "func"},
+        "memory": engine_memory(llm.engine),
         **run_info(),
         "workloads": {},
     }
+    print(describe_memory(results["memory"]))
     for kind in args.workloads:
         prompts = make_prompts(
             kind,

@@ -33,8 +33,15 @@ def _common_prefix(tables: list[list[int]]) -> int:
     return n
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
-    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+def kv_row(cfg: ModelConfig, dtype: str = "float32") -> tuple[int, torch.dtype]:
+    """Elements and dtype of one head's key (or value) for one token in the cache: an int8 row
+    carries its float32 scale in 4 extra bytes (layers/attention.py)."""
+    return (cfg.head_dim + 4, torch.int8) if dtype == "int8" else (cfg.head_dim, torch.float32)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: str = "float32") -> int:
+    width, torch_dtype = kv_row(cfg, dtype)
+    return cfg.num_layers * 2 * cfg.num_kv_heads * width * torch_dtype.itemsize
 
 
 class ModelRunner:
@@ -44,7 +51,8 @@ class ModelRunner:
         self.model = model
         self.config = model_config
         self.block_size = cache_config.block_size
-        per_block = kv_bytes_per_token(model_config) * self.block_size
+        self.kv_dtype = cache_config.dtype
+        per_block = kv_bytes_per_token(model_config, self.kv_dtype) * self.block_size
         self.num_blocks = max(1, cache_config.memory_bytes // per_block)
         self.kv = KVCacheManager(
             self.num_blocks, self.block_size, cache_config.enable_prefix_caching, salt=model_config
@@ -52,8 +60,9 @@ class ModelRunner:
         # Zeroed, not empty: padded attention slots must hold finite numbers (0 * NaN is NaN).
         slots = self.num_blocks * self.block_size
         # Head-major (Hkv, slots, D) per layer and K/V: see layers/attention.py.
+        width, dtype = kv_row(model_config, self.kv_dtype)
         self.kv_cache = torch.zeros(
-            model_config.num_layers, 2, model_config.num_kv_heads, slots, model_config.head_dim
+            model_config.num_layers, 2, model_config.num_kv_heads, slots, width, dtype=dtype
         )
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         for i, attn in enumerate(layers):
@@ -78,18 +87,26 @@ class ModelRunner:
         return sample_reqs, self.sampler(logits, sample_reqs)
 
     @torch.inference_mode()
-    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+    def prompt_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
         """(T, V) logits at every position of one sequence, for evaluation and reference tests.
 
+        With `chunk`, the sequence runs as chunked prefill: each chunk attends to the earlier
+        ones through the KV cache, so the cache's storage (e.g. int8) shows in the logits.
         Uses free KV blocks for the duration of the call and gives them back."""
+        n = len(token_ids)
         req = Request("__prompt_logits__", None, list(token_ids), SamplingParams(), frozenset())
-        if not self.kv.allocate_slots(req.request_id, len(token_ids)):
-            raise CapacityError(f"{len(token_ids)} tokens do not fit the free KV cache")
+        if not self.kv.allocate_slots(req.request_id, n):
+            raise CapacityError(f"{n} tokens do not fit the free KV cache")
+        out = []
         try:
-            ctx, input_ids, positions, _ = self._prepare([(req, len(token_ids))])
-            ctx.logits_indices = torch.arange(len(token_ids))
-            with forward_context(ctx):
-                return self.model.compute_logits(self.model(input_ids, positions))
+            for start in range(0, n, chunk or n):
+                req.num_computed_tokens = start
+                size = min(chunk or n, n - start)
+                ctx, input_ids, positions, _ = self._prepare([(req, size)])
+                ctx.logits_indices = torch.arange(size)
+                with forward_context(ctx):
+                    out.append(self.model.compute_logits(self.model(input_ids, positions)))
+            return torch.cat(out)
         finally:
             self.kv.free(req.request_id)
 

@@ -6,6 +6,10 @@ One layer's cache is a pair of head-major tensors (Hkv, num_blocks * block_size,
 (B, Hkv, L, D) tensor has contiguous (L, D) matrices, the layout CPU SDPA is fastest on.
 New keys/values are scattered to their slots, then each attention group reads what it needs.
 Only attention sees per-sequence shapes; every other layer works on the flat (T, hidden) batch.
+
+With an int8 cache (`--kv-cache-dtype int8`) each slot holds D int8 codes followed by the 4 bytes
+of that token's float32 scale for the head (symmetric, per token and head), so one gather brings
+codes and scales together and the cache costs (D + 4) bytes per head and token instead of 4 D.
 """
 
 import torch
@@ -13,6 +17,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimserve.engine.forward_context import get_forward_context
+
+
+def _encode(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., D) float keys/values -> what a cache of `dtype` stores: themselves, or for int8 the
+    codes with each vector's float32 scale appended as 4 bytes, (..., D + 4)."""
+    if dtype != torch.int8:
+        return x
+    scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-8) / 127
+    codes = torch.round(x / scale).to(torch.int8)
+    return torch.cat((codes, scale.view(torch.int8)), dim=-1)
+
+
+def _decode(stored: torch.Tensor) -> torch.Tensor:
+    """(..., D + 4) int8 cache rows -> (..., D) float32."""
+    return stored[..., :-4].float() * stored[..., -4:].contiguous().view(torch.float32)
+
 
 # SDPA that also returns the log-sum-exp of each query row, which merging partial attentions needs.
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -31,8 +51,8 @@ class Attention(nn.Module):
         """q: (T, H, D), k/v: (T, Hkv, D) -> (T, H * D)."""
         ctx = get_forward_context()
         k_cache, v_cache = self.kv_cache
-        k_cache.index_copy_(1, ctx.slot_mapping, k.transpose(0, 1))
-        v_cache.index_copy_(1, ctx.slot_mapping, v.transpose(0, 1))
+        k_cache.index_copy_(1, ctx.slot_mapping, _encode(k, k_cache.dtype).transpose(0, 1))
+        v_cache.index_copy_(1, ctx.slot_mapping, _encode(v, v_cache.dtype).transpose(0, 1))
         T, H, D = q.shape
         if len(ctx.groups) == 1:
             return self._group(ctx.groups[0], q, k, v).reshape(T, H * D)
@@ -44,6 +64,12 @@ class Attention(nn.Module):
     @staticmethod
     def _read(cache: torch.Tensor, where, length: int, block_size: int) -> torch.Tensor:
         """(B, Hkv, length, D) keys or values: `where` is a slice of slots or (B, nblk) blocks."""
+        if cache.dtype == torch.int8:
+            return _decode(Attention._gather(cache, where, length, block_size))
+        return Attention._gather(cache, where, length, block_size)
+
+    @staticmethod
+    def _gather(cache: torch.Tensor, where, length: int, block_size: int) -> torch.Tensor:
         if isinstance(where, slice):  # one sequence, consecutive blocks: a view
             return cache[:, where].unsqueeze(0)
         B, nblk = where.shape

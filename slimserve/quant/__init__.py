@@ -7,7 +7,8 @@ the loader hands it float tensors, or raw GGUF blocks for the formats named in `
 Methods:
   gguf  GGUF weights stay in their blocks: Q4_0/Q4_1/Q4_K exactly as 4-bit groups, Q8_0 as
         8-bit; tensors in other formats are dequantized, then rounded to int8 per 32 weights.
-  int4  round-to-nearest asymmetric int4 per group (32, 64 or 128) of a float checkpoint.
+  int4  round-to-nearest asymmetric int4 per group (32, 64 or 128) of a float checkpoint's
+        linears; its LM head and embedding get int8.
   int8  round-to-nearest symmetric int8 per group of 32 of a float checkpoint.
 """
 
@@ -82,8 +83,12 @@ class _Pending(nn.Module):
 
     def __init__(self, linear: Linear, method: str, group: int, cls=Int4Linear):
         super().__init__()
-        self.in_features, self.output_sizes = linear.in_features, linear.output_sizes
-        self.method, self.group, self.cls = method, group, cls
+        in_features = linear.in_features
+        self.in_features, self.output_sizes = in_features, linear.output_sizes
+        self.method, self.cls = method, cls
+        # The requested group, or the largest smaller one that tiles this layer's inputs (a
+        # hidden size of 576 takes groups of 64, not 128); 0 when none does.
+        self.group = next((g for g in GROUP_SIZES[::-1] if g <= group and not in_features % g), 0)
         # A placeholder so the loader expects (and checks) every shard of `weight`.
         self.weight = nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
         self.bias = linear.bias
@@ -105,13 +110,15 @@ class _Pending(nn.Module):
             if t.kind in gguf_blocks.EIGHT_BIT:
                 return ("8", *gguf_blocks.decode_q8_0(t.blocks, t.shape[1]))
             return ("4", *gguf_blocks.decode_4bit(t.kind, t.blocks, t.shape[1]))
-        if self.method == "int4":
+        if self.method == "int4" and self.cls is Int4Linear:
             return ("4", *quantize_int4(t.float(), self.group))
+        # int8 otherwise: also int4's LM head and embedding, which the quality hangs on most (as
+        # llama.cpp's Q4_K_M keeps its output matrix at 6 bits)
         return ("8", *quantize_int8(t.float()))
 
     def build(self) -> nn.Module:
         shards = [self.shards[i] for i in range(len(self.output_sizes))]
-        if self.in_features % self.group:  # the kernel's groups can't tile K: stay in float
+        if not self.group:  # the kernel's groups can't tile K: stay in float
             return self._as_float(shards)
         parts = [self._groups(t) for t in shards]
         if any(p[0] == "8" for p in parts):

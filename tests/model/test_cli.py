@@ -110,3 +110,28 @@ def test_bench_throughput_with_transformers_peer(tmp_path):
     assert hf["num_prompts"] == 2 and hf["output_tokens"] == 8 and hf["total_tok_s"] > 0
     peer = row["llama.cpp"]  # measured when the bench extra is installed, else a skip reason
     assert isinstance(peer, str) and peer.startswith("skipped") or peer["output_tokens"] == 16
+
+
+def test_eval_perplexity_on_the_shipped_text(tmp_path):
+    out = tmp_path / "ppl.json"
+    r = slimserve(
+        "eval",
+        "perplexity",
+        "--max-tokens-eval",
+        "300",
+        "--window",
+        "256",
+        "--stride",
+        "128",
+        "--kv-cache-dtype",
+        "int8",
+        "--output",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["tokens_scored"] == 299 and 5 < data["perplexity"] < 80
+    assert data["memory"]["quantization"] == "gguf" and data["memory"]["kv_cache_dtype"] == "int8"
+    assert "perplexity" in r.stdout
+    bad = slimserve("eval", "perplexity", "--text", str(tmp_path / "missing.txt"))
+    assert bad.returncode == 2 and "cannot read --text" in bad.stderr

@@ -1,0 +1,1 @@
+"""Quality measurements: perplexity of a text, so every quantization mode's cost is a number."""
