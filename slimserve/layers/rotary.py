@@ -49,5 +49,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, rope, q: torch.Tensor, k: torch.Tensor):
         """q: (T, H, D), k: (T, Hkv, D); rope from `table`."""
+        return self.rotate(rope, q), self.rotate(rope, k)
+
+    def rotate(self, rope, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, heads, D) -> x rotated by its token's position; rope from `table`."""
         cos, sin = rope
-        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
+        return x * cos + self._rotate_half(x) * sin

@@ -24,10 +24,12 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(H, Hkv, D)
 
     def forward(self, rope, x: torch.Tensor) -> torch.Tensor:
-        T, D = x.shape[0], self.attn.head_dim
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q, k = self.rotary(rope, q.view(T, -1, D), k.view(T, -1, D))
-        return self.o_proj(self.attn(q, k, v.view(T, -1, D)))
+        T, D, H = x.shape[0], self.attn.head_dim, self.attn.num_heads
+        qkv = self.qkv_proj(x)
+        # q and k heads sit side by side in qkv: one rotation covers both.
+        qk = self.rotary.rotate(rope, qkv[:, : self.sizes[0] + self.sizes[1]].view(T, -1, D))
+        v = qkv[:, self.sizes[0] + self.sizes[1] :].view(T, -1, D)
+        return self.o_proj(self.attn(qk[:, :H], qk[:, H:], v))
 
 
 class LlamaMLP(nn.Module):
