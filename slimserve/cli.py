@@ -184,26 +184,6 @@ def cmd_serve(args) -> int:
     return 0 if server.started else 1
 
 
-def cmd_bench(args) -> int:
-    from importlib import import_module
-
-    runners = {
-        "latency": ("latency", "run_latency"),
-        "throughput": ("throughput", "run_throughput"),
-        "serve": ("serving", "run_serving"),
-        "roofline": ("roofline", "run_roofline"),
-        "report": ("report", "run_report"),
-        "compare": ("compare", "run_compare"),
-    }
-    module, func = runners[args.bench_kind]
-    try:
-        getattr(import_module(f"slimserve.bench.{module}"), func)(args)
-    except (RuntimeError, ValueError, OSError) as e:  # a peer or URL down, a bad results file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -235,114 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bsub = bench.add_subparsers(dest="bench_kind", required=True)
-    lat = bsub.add_parser("latency", help="prefill and single-stream decode speed")
-    lat.add_argument("--prompt-len", type=int, default=512)
-    lat.add_argument("--decode-tokens", type=int, default=128)
-    lat.add_argument("--runs", type=int, default=5)
-    lat.add_argument("--output", default=None, help="write results as JSON here")
-    lat.add_argument(
-        "--peers",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also run llama.cpp's llama-bench when installed",
-    )
-    add_engine_args(lat)
-    thr = bsub.add_parser(
-        "throughput", help="offline batch throughput, side by side with llama.cpp"
-    )
-    thr.add_argument(
-        "--workloads",
-        nargs="+",
-        default=["random", "shared-prefix"],
-        choices=["random", "shared-prefix"],
-    )
-    thr.add_argument("--num-prompts", type=int, default=128)
-    thr.add_argument("--input-len", type=int, default=200)
-    thr.add_argument("--output-len", type=int, default=128)
-    thr.add_argument("--prefix-len", type=int, default=1000)
-    thr.add_argument("--question-len", type=int, default=50)
-    thr.add_argument("--seed", type=int, default=0)
-    thr.add_argument("--parallel", type=int, default=8, help="llama-server slots and clients")
-    thr.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
-    thr.add_argument(
-        "--hf-prompts",
-        type=int,
-        default=16,
-        help="run transformers generate on the first N prompts as the slow reference (0: skip)",
-    )
-    thr.add_argument("--output", default=None, help="write results as JSON here")
-    add_engine_args(thr)
-    srv = bsub.add_parser("serve", help="online serving: our server and llama-server, or any URL")
-    srv.add_argument("--base-url", default=None, help="measure this endpoint instead")
-    srv.add_argument("--model-name", default=None, help="model name to send with --base-url")
-    srv.add_argument("--api-key", default=None)
-    srv.add_argument(
-        "--vocab-size", type=int, default=49152, help="for random prompts with --base-url"
-    )
-    srv.add_argument(
-        "--engines",
-        nargs="+",
-        default=["slimserve", "llama.cpp"],
-        choices=["slimserve", "llama.cpp"],
-    )
-    srv.add_argument("--model", default=None, help="GGUF both engines load (default model)")
-    srv.add_argument("--threads", type=int, default=None)
-    srv.add_argument(
-        "--dataset", default="random", choices=["random", "shared-prefix", "multi-turn", "file"]
-    )
-    srv.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
-    srv.add_argument("--reply-len", type=int, default=64, help="multi-turn: earlier replies")
-    srv.add_argument("--file", default=None, help="JSONL prompts for --dataset file")
-    srv.add_argument("--num-prompts", type=int, default=64)
-    srv.add_argument("--input-len", type=int, default=200)
-    srv.add_argument("--output-len", type=int, default=128)
-    srv.add_argument("--groups", type=int, default=4, help="shared-prefix: system prompts")
-    srv.add_argument("--prefix-len", type=int, default=1000)
-    srv.add_argument("--question-len", type=int, default=50)
-    srv.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    srv.add_argument("--request-rate", type=float, default=float("inf"))
-    srv.add_argument("--burstiness", type=float, default=1.0)
-    srv.add_argument("--slo", default=None, help="e.g. ttft_ms=2000,tpot_ms=100 for goodput")
-    srv.add_argument("--seed", type=int, default=0)
-    srv.add_argument("--output", default=None, help="write results as JSON here")
-    roof = bsub.add_parser("roofline", help="machine limits, model cost per token, fractions")
-    roof.add_argument("--latency", default=None, help="a bench latency JSON to rate")
-    roof.add_argument("--output", default=None)
-    add_engine_args(roof)
-    rep = bsub.add_parser("report", help="markdown table and plot from a results folder")
-    rep.add_argument("results", nargs="?", default="bench-results")
-    rep.add_argument("--markdown", default="docs/benchmark-results.md")
-    rep.add_argument("--plot", default="docs/img/latency-throughput.png")
-    cmp_ = bsub.add_parser("compare", help="ratios between two result files (B / A)")
-    cmp_.add_argument("a")
-    cmp_.add_argument("b")
-    bench.set_defaults(func=cmd_bench)
+    from slimserve.cli_tools import add_tool_parsers
 
-    ev = sub.add_parser("eval", help="quality measurements")
-    esub = ev.add_subparsers(dest="eval_kind", required=True)
-    ppl = esub.add_parser("perplexity", help="sliding-window perplexity of a text file")
-    ppl.add_argument("--text", default=None, help="UTF-8 text (default: a shipped public text)")
-    ppl.add_argument("--window", type=int, default=1024, help="tokens of context per window")
-    ppl.add_argument("--stride", type=int, default=512, help="tokens between window starts")
-    ppl.add_argument("--chunk", type=int, default=128, help="prefill chunk inside a window")
-    ppl.add_argument("--max-tokens-eval", type=int, default=None, help="score only a prefix")
-    ppl.add_argument("--output", default=None, help="write results as JSON here")
-    add_engine_args(ppl)
-    ev.set_defaults(func=cmd_eval)
+    add_tool_parsers(sub)
     return parser
-
-
-def cmd_eval(args) -> int:
-    from slimserve.eval.perplexity import run_perplexity
-
-    try:
-        run_perplexity(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

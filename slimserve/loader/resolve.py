@@ -42,6 +42,11 @@ class ModelSource(ABC):
         """(HF tensor name, float32 tensor) pairs, already in HF layout. Tensors stored in a
         block format named in `keep` (e.g. "Q4_1") come as `QuantizedTensor`s instead."""
 
+    def tensor_types(self) -> set[str]:
+        """Block formats the file stores weights in (GGUF type names); empty when the checkpoint
+        is not a GGUF file."""
+        return set()
+
     @abstractmethod
     def tokenizer(self):
         """A slimserve.loader.tokenizer.Tokenizer built from the model's own files."""

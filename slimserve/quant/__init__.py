@@ -41,7 +41,7 @@ def resolve_method(requested: str | None, source, group_size: int = 32) -> str |
     """The method to load `source` with (None: float32). None and "auto" pick "gguf" for a GGUF
     whose weights are in a block format the int4 kernel reads, as llama.cpp runs it; "none"
     dequantizes everything to float32. Bad combinations raise InvalidRequest."""
-    stored = set(getattr(source, "tensor_types", lambda: set())())
+    stored = source.tensor_types()
     quantized = sorted(stored - set(FLOAT_TYPES))
     if requested == "none":
         return None
