@@ -157,10 +157,9 @@ def cmd_serve(args) -> int:
     from slimserve.engine.async_engine import AsyncEngine
     from slimserve.server.api import create_app
 
-    llm = make_llm(args)
-    engine = llm.engine
+    async_engine = AsyncEngine(lambda: make_llm(args).engine, max_queue=args.max_queue)
+    engine = async_engine.engine
     name = args.served_model_name or os.path.splitext(engine.model_name)[0]
-    async_engine = AsyncEngine(engine, max_queue=args.max_queue)
     app = create_app(async_engine, name, args.api_key)
     print(
         f"[slimserve] serving {name} at http://{args.host}:{args.port}/v1 "

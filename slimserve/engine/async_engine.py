@@ -3,6 +3,11 @@
 The Engine is not thread-safe; a lock serialises `add_request`/`abort` (called from the event
 loop) with `step` (called from the engine thread). A step takes tens of milliseconds on CPU, so
 a caller waits at most one step. Outputs cross threads with `call_soon_threadsafe`.
+
+The engine is built on its own thread too, so that one thread runs every torch op. When a
+second thread has run OpenMP regions (loading the model in the main thread, say), PyTorch's
+OpenMP runtime keeps two thread teams on two cores and every parallel op in the engine thread
+got 2-4x slower: batch-1 decode took ~35 ms per token instead of ~20 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 
 from slimserve.engine.engine import Engine
 from slimserve.errors import CapacityError
@@ -20,18 +26,32 @@ logger = logging.getLogger("slimserve")
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_queue: int | None = None):
-        self.engine = engine
+    def __init__(self, make_engine: Callable[[], Engine], max_queue: int | None = None):
+        """`make_engine` runs on the engine thread; its exceptions re-raise here."""
         self.max_queue = max_queue
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.errored: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="slimserve-engine", daemon=True)
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._loop, args=(make_engine,), name="slimserve-engine", daemon=True
+        )
         self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            raise self._build_error
 
-    def _loop(self) -> None:
+    def _loop(self, make_engine: Callable[[], Engine]) -> None:
+        try:
+            self.engine = make_engine()
+        except BaseException as e:
+            self._build_error = e
+            return
+        finally:
+            self._built.set()
         while not self._stopped:
             if not self.engine.has_unfinished():
                 self._wake.wait(0.5)
