@@ -37,34 +37,45 @@ async def _send(client: httpx.AsyncClient, model: str | None, req: BenchRequest)
     }
     if model:
         body["model"] = model
+    for attempt in range(2):
+        rec.start = time.perf_counter()
+        try:
+            return await _stream(client, body, rec)
+        except httpx.RemoteProtocolError as e:
+            # A keep-alive connection the server had already closed (llama-server does this
+            # between back-to-back requests): nothing was sent back, so try a fresh one once.
+            if attempt or rec.ttft is not None:
+                rec.error = f"{type(e).__name__}: {e}"
+        except httpx.HTTPError as e:
+            rec.error = f"{type(e).__name__}: {e}"
+            return rec
+    return rec
+
+
+async def _stream(client: httpx.AsyncClient, body: dict, rec: RequestRecord) -> RequestRecord:
     chunks, last = 0, None
-    rec.start = time.perf_counter()
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+            return rec
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                rec.error = str(chunk["error"])
                 return rec
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    rec.error = str(chunk["error"])
-                    return rec
-                if chunk.get("usage"):
-                    rec.output_tokens = chunk["usage"]["completion_tokens"]
-                    rec.prompt_tokens = chunk["usage"]["prompt_tokens"] or rec.prompt_tokens
-                choices = chunk.get("choices") or []
-                if choices and choices[0].get("text"):
-                    now = time.perf_counter()
-                    if rec.ttft is None:
-                        rec.ttft = now - rec.start
-                    else:
-                        rec.itl.append(now - last)
-                    last, chunks = now, chunks + 1
-    except httpx.HTTPError as e:
-        rec.error = f"{type(e).__name__}: {e}"
-        return rec
+            if chunk.get("usage"):
+                rec.output_tokens = chunk["usage"]["completion_tokens"]
+                rec.prompt_tokens = chunk["usage"]["prompt_tokens"] or rec.prompt_tokens
+            choices = chunk.get("choices") or []
+            if choices and choices[0].get("text"):
+                now = time.perf_counter()
+                if rec.ttft is None:
+                    rec.ttft = now - rec.start
+                else:
+                    rec.itl.append(now - last)
+                last, chunks = now, chunks + 1
     rec.e2e = time.perf_counter() - rec.start
     rec.output_tokens = rec.output_tokens or chunks
     return rec
