@@ -124,3 +124,17 @@ def test_cli_errors_are_one_line_and_exit_2(args, message):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in r.stderr
+
+
+def test_async_engine_reraises_a_load_error_from_its_thread(tmp_path):
+    """The server builds its engine on the engine thread; a bad model must still fail the caller
+    with the typed error (and `slimserve serve` with one line and exit code 2)."""
+    from slimserve.config import EngineConfig
+    from slimserve.engine.async_engine import AsyncEngine
+    from slimserve.engine.engine import Engine
+    from slimserve.errors import ModelLoadError
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        AsyncEngine(lambda: Engine(EngineConfig(model=str(bad))))
