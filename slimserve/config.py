@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from slimserve.errors import InvalidRequest
 
@@ -95,10 +96,23 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+# The one place environment variables are read for engine settings.
+
+
 def num_threads_from_env() -> int | None:
-    """The one place environment variables are read for engine settings."""
     value = os.environ.get("SLIMSERVE_NUM_THREADS")
     return int(value) if value else None
+
+
+def native_kernels_from_env() -> bool:
+    """SLIMSERVE_NATIVE_KERNELS=0 keeps every step on the PyTorch paths (slimserve/kernels)."""
+    return os.environ.get("SLIMSERVE_NATIVE_KERNELS", "1").lower() not in ("0", "false", "no")
+
+
+def cache_dir_from_env() -> Path:
+    """Where built kernels are kept: $SLIMSERVE_CACHE, else ~/.cache/slimserve."""
+    value = os.environ.get("SLIMSERVE_CACHE")
+    return Path(value) if value else Path.home() / ".cache" / "slimserve"
 
 
 QUANTIZATIONS = (None, "auto", "none", "gguf", "int4", "int8")

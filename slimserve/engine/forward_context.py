@@ -25,6 +25,9 @@ class AttentionGroup:
     shared: for a decode group whose sequences share their first shared_len tokens' blocks, where
     those blocks are (as kv_indices for one sequence); kv_indices, kv_len and mask then describe
     only each sequence's suffix, and the mask is additive float (0 / -inf).
+    seq_lens: (num_seqs,) int64 tokens each sequence attends to, set for decode groups that the
+    native paged kernel reads in place (slimserve/kernels); kv_indices is then always the
+    (num_seqs, num_blocks) table and no mask is built.
     """
 
     start: int
@@ -38,6 +41,7 @@ class AttentionGroup:
     block_size: int = 0
     shared: torch.Tensor | slice | None = None
     shared_len: int = 0
+    seq_lens: torch.Tensor | None = None
 
 
 @dataclass(slots=True)

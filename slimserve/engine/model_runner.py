@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from slimserve import kernels
 from slimserve.config import CacheConfig, ModelConfig
 from slimserve.engine.forward_context import AttentionGroup, ForwardContext, forward_context
 from slimserve.engine.request import Request
@@ -186,6 +187,25 @@ class ModelRunner:
         shared_len = common * self.block_size  # < every length: the newest token's block is private
         lens = [r.num_computed_tokens + 1 - shared_len for r in reqs]
         L = max(lens)
+        shared = self._blocks([rows[0][:common]], shared_len) if common else None
+        if kernels.decode_attention_available():
+            # The native kernel reads each sequence's own blocks in place: no mask, no gather.
+            nblk = -(-L // self.block_size)
+            table = [t[common : common + nblk] for t in rows]
+            return AttentionGroup(
+                start,
+                start + len(reqs),
+                len(reqs),
+                1,
+                torch.tensor([t + [0] * (nblk - len(t)) for t in table], dtype=torch.long),
+                None,
+                causal=False,
+                kv_len=L,
+                block_size=self.block_size,
+                shared=shared,
+                shared_len=shared_len,
+                seq_lens=torch.tensor(lens, dtype=torch.long),
+            )
         mask = None
         if min(lens) != L:
             visible = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[
@@ -198,7 +218,6 @@ class ModelRunner:
                 else visible
             )
         blocks = self._blocks([t[common:] for t in rows], L)
-        shared = self._blocks([rows[0][:common]], shared_len) if common else None
         return AttentionGroup(
             start,
             start + len(reqs),

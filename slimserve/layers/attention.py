@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimserve import kernels
 from slimserve.engine.forward_context import get_forward_context
 
 
@@ -106,24 +107,36 @@ class Attention(nn.Module):
         o1, lse1 = _flash(q_all, ks, vs, scale=self.scale)
         o1 = o1.view(Hkv, B, G, D).transpose(0, 1)
         lse1 = lse1.view(Hkv, B, G).transpose(0, 1)
-        o2, lse2 = _flash(
-            qg,
-            self._context(g, k_cache),
-            self._context(g, v_cache),
-            attn_mask=g.mask,
-            scale=self.scale,
-        )
+        if g.seq_lens is not None:
+            o2, lse2 = self._paged(g, qg, with_lse=True)
+        else:
+            o2, lse2 = _flash(
+                qg,
+                self._context(g, k_cache),
+                self._context(g, v_cache),
+                attn_mask=g.mask,
+                scale=self.scale,
+            )
         lse = torch.logaddexp(lse1, lse2)
         return o1 * (lse1 - lse).exp_().unsqueeze(-1) + o2 * (lse2 - lse).exp_().unsqueeze(-1)
+
+    def _paged(self, g, qg: torch.Tensor, with_lse: bool = False):
+        k_cache, v_cache = self.kv_cache
+        return kernels.paged_decode_attention(
+            qg, k_cache, v_cache, g.kv_indices, g.seq_lens, g.block_size, self.scale, with_lse
+        )
 
     def _group(self, g, q, k, v) -> torch.Tensor:
         B, Lq, D = g.num_seqs, g.q_len, self.head_dim
         Hkv, G = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        if g.seq_lens is not None and g.shared is None:  # decode, read in place (native kernel)
+            qg = q[g.start : g.end].view(B, Hkv, G, D)
+            return self._paged(g, qg)[0].view(B, self.num_heads, D)
         if g.kv_indices is None:  # fresh prompt: its own new keys, causal
             kg = k[g.start : g.end].view(B, Lq, Hkv, D).transpose(1, 2)
             vg = v[g.start : g.end].view(B, Lq, Hkv, D).transpose(1, 2)
         elif g.shared is not None:
-            kg = vg = None  # read inside _cascade
+            kg = vg = None  # read inside _cascade (or by the native kernel)
         else:
             k_cache, v_cache = self.kv_cache
             kg, vg = self._context(g, k_cache), self._context(g, v_cache)

@@ -41,6 +41,8 @@ def test_chat_keeps_history_and_exits_on_eof(llm):
         "0",
         "--max-tokens",
         "32",
+        "--quantization",  # the mode of the `llm` fixture it is compared with
+        "none",
         stdin="My name is Ada.\nWhat is my name?\n",
     )
     assert r.returncode == 0, r.stderr

@@ -197,3 +197,29 @@ def test_cascade_attention_over_a_shared_prefix_keeps_outputs(llm, cold_llm):
         model_runner.ModelRunner._decode_group = real
     assert groups and groups[0].num_seqs == 4 and groups[0].shared_len >= 4 * 16
     assert batch == [o.token_ids for o in solo(cold_llm, prompts, [greedy(16)] * 4)]
+
+
+def test_native_decode_attention_gives_the_pytorch_output(llm, monkeypatch):
+    """The paged kernel (slimserve/kernels) and the gather + SDPA path, on one mixed batch with a
+    shared-prefix (cascade) run and unrelated requests: the same greedy tokens."""
+    from slimserve import kernels
+
+    if not kernels.decode_attention_available():
+        pytest.skip("no C compiler: only the PyTorch path exists here")
+    calls = []
+    real = kernels.paged_decode_attention
+    monkeypatch.setattr(kernels, "paged_decode_attention", lambda *a: calls.append(1) or real(*a))
+    system = "Native kernel test: you answer questions about rivers and lakes. " * 10
+    prompts = [chat_ids(llm, q, system) for q in ("The Nile?", "Lake Baikal?", "The Rhine?")]
+    prompts += [chat_ids(llm, "Hi"), llm.tokenizer.encode("The capital of France is")]
+    llm.generate(prompts[:1], greedy(1))  # cache the shared prefix: the batch then cascades
+    native = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(20))]
+    assert calls
+    kernels.set_enabled(False)
+    try:
+        calls.clear()
+        reference = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(20))]
+        assert not calls
+    finally:
+        kernels.set_enabled(True)
+    assert native == reference

@@ -1,0 +1,150 @@
+"""Native CPU kernels, compiled from C on first use and loaded with ctypes.
+
+They are plain C (no PyTorch headers), so building one takes about a second with the system C
+compiler. The shared library links the OpenMP runtime PyTorch has already loaded, so its parallel
+loops share PyTorch's threads instead of starting a second pool. Built libraries are cached per
+source, flags and CPU under ~/.cache/slimserve/kernels (or $SLIMSERVE_CACHE/kernels).
+
+Every kernel is optional: with no C compiler, a failed build, or SLIMSERVE_NATIVE_KERNELS=0, the
+callers use their PyTorch path and the engine says so once in its log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from slimserve.config import cache_dir_from_env, native_kernels_from_env
+
+logger = logging.getLogger("slimserve")
+
+_SOURCE = Path(__file__).with_name("paged_attention.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_enabled = True
+
+
+def _cpu_tag() -> str:
+    """What -march=native depends on: a library built for one CPU may not run on another."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (cc or gcc)")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_tag().encode()).hexdigest()
+    out_dir = cache_dir_from_env() / "kernels"
+    target = out_dir / f"paged_attention-{key[:16]}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Build to a private name, then rename: processes that build at once never see half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        os.replace(tmp, target)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{compiler} failed: {e.stderr.strip()[-500:]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if not native_kernels_from_env():
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError) as e:
+        logger.warning("native kernels unavailable, using the PyTorch paths: %s", e)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn = lib.paged_decode_attention
+    fn.argtypes = [p] * 7 + [i64] * 8 + [ctypes.c_float, i64]
+    fn.restype = ctypes.c_int
+    _lib = lib
+    return _lib
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the native kernels off (or back on) in this process: for A/B tests and benchmarks."""
+    global _enabled
+    _enabled = enabled
+
+
+def decode_attention_available() -> bool:
+    return _enabled and _load() is not None
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    with_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode attention over one layer's paged cache, reading each block in place.
+
+    q (B, Hkv, G, D) float32; k/v_cache (Hkv, slots, D) float32 or (Hkv, slots, D + 4) int8 rows
+    with their scale (layers/attention.py); tables (B, max_blocks) int64; lens (B,) int64.
+    Returns out (B, Hkv, G, D) and, with `with_lse`, the log-sum-exp (B, Hkv, G) of each row."""
+    B, Hkv, G, D = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    lse = q.new_empty(B, Hkv, G) if with_lse else None
+    int8_rows = k_cache.dtype == torch.int8
+    rc = _lib.paged_decode_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        tables.data_ptr(),
+        lens.data_ptr(),
+        out.data_ptr(),
+        lse.data_ptr() if lse is not None else None,
+        B,
+        Hkv,
+        G,
+        D,
+        k_cache.shape[1],
+        tables.shape[1],
+        block_size,
+        int(int8_rows),
+        scale,
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise ValueError(f"paged_decode_attention: unsupported shape G={G}, D={D}")
+    return out, lse

@@ -1,0 +1,87 @@
+"""The native paged decode-attention kernel against PyTorch's SDPA over gathered keys/values."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimserve import kernels
+from slimserve.layers.attention import _decode, _encode
+
+pytestmark = pytest.mark.skipif(
+    not kernels.decode_attention_available(), reason="no C compiler: the PyTorch path runs"
+)
+
+
+def _reference(q, k_cache, v_cache, tables, lens, block_size, scale):
+    """Gather each sequence's slots, decode int8 rows, run SDPA; also the log-sum-exp."""
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        blocks = tables[b].repeat_interleave(block_size)
+        slots = (blocks * block_size + torch.arange(block_size).repeat(tables.shape[1]))[:n]
+        k, v = k_cache[:, slots], v_cache[:, slots]
+        if k_cache.dtype == torch.int8:
+            k, v = _decode(k), _decode(v)
+        outs.append(F.scaled_dot_product_attention(q[b], k, v, scale=scale))
+        lses.append(((q[b] @ k.transpose(-1, -2)) * scale).logsumexp(-1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("block_size,G,D", [(16, 3, 64), (64, 1, 32), (8, 4, 128)])
+def test_paged_decode_matches_sdpa(dtype, block_size, G, D):
+    torch.manual_seed(0)
+    Hkv, num_blocks = 2, 64
+    k_cache = _encode(torch.randn(Hkv, num_blocks * block_size, D), dtype).contiguous()
+    v_cache = _encode(torch.randn(Hkv, num_blocks * block_size, D), dtype).contiguous()
+    # Lengths of 1 token, within a block, across chunks and blocks, and a full table.
+    lens = torch.tensor([1, block_size - 1, block_size + 1, 33, 5 * block_size])
+    max_blocks = 5
+    tables = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in lens])
+    q = torch.randn(len(lens), Hkv, G, D)
+
+    out, lse = kernels.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, block_size, D**-0.5, with_lse=True
+    )
+    ref_out, ref_lse = _reference(q, k_cache, v_cache, tables, lens, block_size, D**-0.5)
+    torch.testing.assert_close(out, ref_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)
+    no_lse, none = kernels.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, block_size, D**-0.5
+    )
+    assert none is None and torch.equal(no_lse, out)
+
+
+def test_paged_decode_reads_only_its_blocks():
+    """Slots outside a sequence's table (or past its length) hold NaN; none may leak in."""
+    Hkv, G, D, bs = 1, 2, 16, 4
+    k_cache = torch.full((Hkv, 8 * bs, D), float("nan"))
+    v_cache = torch.full((Hkv, 8 * bs, D), float("nan"))
+    tables = torch.tensor([[5, 2]])
+    for blk in (5, 2):
+        k_cache[:, blk * bs : (blk + 1) * bs] = torch.randn(Hkv, bs, D)
+        v_cache[:, blk * bs : (blk + 1) * bs] = torch.randn(Hkv, bs, D)
+    k_cache[:, 2 * bs + 3] = float("nan")  # the 8th token: past the length of 7
+    out, _ = kernels.paged_decode_attention(
+        torch.randn(1, Hkv, G, D), k_cache, v_cache, tables, torch.tensor([7]), bs, 0.25
+    )
+    assert torch.isfinite(out).all()
+
+
+def test_unsupported_shape_is_an_error():
+    q = torch.randn(1, 1, 2, 512)  # head_dim beyond the kernel's buffers
+    cache = torch.zeros(1, 16, 512)
+    with pytest.raises(ValueError, match="unsupported shape"):
+        kernels.paged_decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.long),
+                                       torch.tensor([1]), 16, 1.0)
+
+
+def test_failed_build_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("SLIMSERVE_CACHE", str(tmp_path))
+    with caplog.at_level("WARNING", logger="slimserve"):
+        assert not kernels.decode_attention_available()
+    assert "using the PyTorch paths" in caplog.text
+    assert not list((tmp_path / "kernels").glob("*"))  # no half-built file left behind
