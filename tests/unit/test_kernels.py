@@ -72,8 +72,9 @@ def test_unsupported_shape_is_an_error():
     q = torch.randn(1, 1, 2, 512)  # head_dim beyond the kernel's buffers
     cache = torch.zeros(1, 16, 512)
     with pytest.raises(ValueError, match="unsupported shape"):
-        kernels.paged_decode_attention(q, cache, cache, torch.zeros(1, 1, dtype=torch.long),
-                                       torch.tensor([1]), 16, 1.0)
+        kernels.paged_decode_attention(
+            q, cache, cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]), 16, 1.0
+        )
 
 
 def test_failed_build_falls_back(monkeypatch, tmp_path, caplog):
