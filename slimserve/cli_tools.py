@@ -18,6 +18,7 @@ def cmd_bench(args) -> int:
         "roofline": ("roofline", "run_roofline"),
         "report": ("report", "run_report"),
         "compare": ("compare", "run_compare"),
+        "kernels": ("kernels", "run_kernels"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -120,6 +121,12 @@ def add_tool_parsers(sub) -> None:
     rep.add_argument("results", nargs="?", default="bench-results")
     rep.add_argument("--markdown", default="docs/benchmark-results.md")
     rep.add_argument("--plot", default="docs/img/latency-throughput.png")
+    ker = bsub.add_parser("kernels", help="native kernels vs the PyTorch paths they replace")
+    ker.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    ker.add_argument("--decode-tokens", type=int, default=64)
+    ker.add_argument("--rounds", type=int, default=3)
+    ker.add_argument("--output", default=None, help="write results as JSON here")
+    add_engine_args(ker)
     cmp_ = bsub.add_parser("compare", help="ratios between two result files (B / A)")
     cmp_.add_argument("a")
     cmp_.add_argument("b")

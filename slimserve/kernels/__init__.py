@@ -121,12 +121,15 @@ def paged_decode_attention(
     q (B, Hkv, G, D) float32; k/v_cache (Hkv, slots, D) float32 or (Hkv, slots, D + 4) int8 rows
     with their scale (layers/attention.py); tables (B, max_blocks) int64; lens (B,) int64.
     Returns out (B, Hkv, G, D) and, with `with_lse`, the log-sum-exp (B, Hkv, G) of each row."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("native kernels are unavailable; check decode_attention_available()")
     B, Hkv, G, D = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)
     lse = q.new_empty(B, Hkv, G) if with_lse else None
     int8_rows = k_cache.dtype == torch.int8
-    rc = _lib.paged_decode_attention(
+    rc = lib.paged_decode_attention(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),

@@ -2,8 +2,8 @@
 
    One query token per sequence. The G query heads that share a KV head are handled together,
    so each cached key and value row is read once per sequence and KV head, in place: nothing is
-   gathered or copied. Softmax is computed online, one block at a time (running max and sum), so
-   memory use does not grow with the context.
+   gathered or copied. Softmax is computed online, a chunk of tokens at a time (running max and
+   sum), so memory use does not grow with the context.
 
    Layouts (all contiguous, row-major):
      q        (B, Hkv, G, D) float32
@@ -14,43 +14,187 @@
      lens     (B,) int64 tokens to attend to per sequence
      out      (B, Hkv, G, D) float32
      lse      (B, Hkv, G) float32 log-sum-exp of each query row's scores, or NULL
+
+   With AVX2 and FMA (and D a multiple of 8), each key row is loaded once for up to four query
+   rows held in registers, values are accumulated in registers across the chunk, and exp is a
+   vectorized polynomial; otherwise plain loops do the same arithmetic.
 */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#endif
 
 #define MAX_G 32
 #define MAX_D 256
 #define CHUNK 32
 
-static inline float dot_f32(const float *a, const float *b, int n) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-static inline float dot_i8(const float *a, const int8_t *b, int n) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; i++) s += a[i] * (float)b[i];
-    return s;
-}
-
-static inline float row_scale(const int8_t *row, int D) {
+static inline float row_scale(const char *row, int D) {
     float s;
-    const unsigned char *src = (const unsigned char *)(row + D);
-    unsigned char *dst = (unsigned char *)&s;
-    for (int i = 0; i < 4; i++) dst[i] = src[i];
+    memcpy(&s, row + D, sizeof s);
     return s;
 }
+
+/* ---- portable pieces ------------------------------------------------------------------- */
+
+static void scores_plain(const float *q, const char *const *rows, int n, int G, int D,
+                         int int8_rows, float scale, float s[][CHUNK]) {
+    for (int i = 0; i < n; i++) {
+        if (int8_rows) {
+            const int8_t *c = (const int8_t *)rows[i];
+            float ks = row_scale(rows[i], D) * scale;
+            for (int g = 0; g < G; g++) {
+                float acc = 0.f;
+                for (int d = 0; d < D; d++) acc += q[g * D + d] * (float)c[d];
+                s[g][i] = acc * ks;
+            }
+        } else {
+            const float *r = (const float *)rows[i];
+            for (int g = 0; g < G; g++) {
+                float acc = 0.f;
+                for (int d = 0; d < D; d++) acc += q[g * D + d] * r[d];
+                s[g][i] = acc * scale;
+            }
+        }
+    }
+}
+
+static void accumulate_plain(const char *const *rows, int n, int G, int D, int int8_rows,
+                             float p[][CHUNK], float acc[][MAX_D]) {
+    for (int i = 0; i < n; i++) {
+        float vs = int8_rows ? row_scale(rows[i], D) : 1.f;
+        for (int g = 0; g < G; g++) {
+            float w = p[g][i] * vs;
+            if (int8_rows) {
+                const int8_t *c = (const int8_t *)rows[i];
+                for (int d = 0; d < D; d++) acc[g][d] += w * (float)c[d];
+            } else {
+                const float *r = (const float *)rows[i];
+                for (int d = 0; d < D; d++) acc[g][d] += w * r[d];
+            }
+        }
+    }
+}
+
+static void exp_inplace_plain(float *x, int n) {
+    for (int i = 0; i < n; i++) x[i] = expf(x[i]);
+}
+
+/* ---- AVX2 + FMA pieces ------------------------------------------------------------------ */
+
+#ifdef HAVE_AVX2
+static inline __m256 load8(const char *row, int d, int int8_rows) {
+    if (int8_rows) {
+        __m128i c = _mm_loadl_epi64((const __m128i *)(row + d));
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+    }
+    return _mm256_loadu_ps((const float *)row + d);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+/* exp for x <= 0 (softmax weights): 2^k * e^r, r in [-ln2/2, ln2/2], degree-7 Taylor for e^r
+   (relative error ~1e-8 before rounding); inputs below -87 give ~1e-38 instead of 0. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 y = _mm256_set1_ps(1.f / 5040);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 720));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 120));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 24));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 6));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static void exp_inplace_avx2(float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_loadu_ps(x + i)));
+    for (; i < n; i++) x[i] = expf(x[i]);
+}
+
+/* Scores of up to four query rows (q + g0 * D ...) against every row of the chunk. */
+static void scores_avx2(const float *q, const char *const *rows, int n, int G, int D,
+                        int int8_rows, float scale, float s[][CHUNK]) {
+    for (int g0 = 0; g0 < G; g0 += 4) {
+        int gn = G - g0 < 4 ? G - g0 : 4;
+        const float *q0 = q + g0 * D;
+        for (int i = 0; i < n; i++) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int d = 0; d < D; d += 8) {
+                __m256 kv = load8(rows[i], d, int8_rows);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kv, a0);
+                if (gn > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + d), kv, a1);
+                if (gn > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + d), kv, a2);
+                if (gn > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + d), kv, a3);
+            }
+            float ks = scale * (int8_rows ? row_scale(rows[i], D) : 1.f);
+            s[g0][i] = hsum8(a0) * ks;
+            if (gn > 1) s[g0 + 1][i] = hsum8(a1) * ks;
+            if (gn > 2) s[g0 + 2][i] = hsum8(a2) * ks;
+            if (gn > 3) s[g0 + 3][i] = hsum8(a3) * ks;
+        }
+    }
+}
+
+/* acc[g][d:d+8] += sum_i p[g][i] * v_i[d:d+8], four query rows' accumulators in registers. */
+static void accumulate_avx2(const char *const *rows, int n, int G, int D, int int8_rows,
+                            float p[][CHUNK], float acc[][MAX_D]) {
+    float w[MAX_G][CHUNK];
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < n; i++) w[g][i] = p[g][i] * (int8_rows ? row_scale(rows[i], D) : 1.f);
+    for (int g0 = 0; g0 < G; g0 += 4) {
+        int gn = G - g0 < 4 ? G - g0 : 4;
+        for (int d = 0; d < D; d += 8) {
+            __m256 a0 = _mm256_loadu_ps(acc[g0] + d);
+            __m256 a1 = gn > 1 ? _mm256_loadu_ps(acc[g0 + 1] + d) : a0;
+            __m256 a2 = gn > 2 ? _mm256_loadu_ps(acc[g0 + 2] + d) : a0;
+            __m256 a3 = gn > 3 ? _mm256_loadu_ps(acc[g0 + 3] + d) : a0;
+            for (int i = 0; i < n; i++) {
+                __m256 vv = load8(rows[i], d, int8_rows);
+                a0 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0][i]), vv, a0);
+                if (gn > 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0 + 1][i]), vv, a1);
+                if (gn > 2) a2 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0 + 2][i]), vv, a2);
+                if (gn > 3) a3 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0 + 3][i]), vv, a3);
+            }
+            _mm256_storeu_ps(acc[g0] + d, a0);
+            if (gn > 1) _mm256_storeu_ps(acc[g0 + 1] + d, a1);
+            if (gn > 2) _mm256_storeu_ps(acc[g0 + 2] + d, a2);
+            if (gn > 3) _mm256_storeu_ps(acc[g0 + 3] + d, a3);
+        }
+    }
+}
+#endif
+
+/* ---- one (sequence, KV head) ------------------------------------------------------------ */
 
 static void one_head(const float *q, const char *k, const char *v, const int64_t *table,
-                     int64_t len, int block_size, int G, int D,
-                     int int8_rows, float scale, float *out, float *lse) {
+                     int64_t len, int block_size, int G, int D, int int8_rows, float scale,
+                     float *out, float *lse) {
     const int64_t row_bytes = int8_rows ? (int64_t)D + 4 : (int64_t)D * 4;
+#ifdef HAVE_AVX2
+    const int fast = D % 8 == 0;
+#else
+    const int fast = 0;
+#endif
     float acc[MAX_G][MAX_D];
     float m[MAX_G], l[MAX_G], s[MAX_G][CHUNK];
+    const char *krows[CHUNK], *vrows[CHUNK];
     for (int g = 0; g < G; g++) {
         m[g] = -INFINITY;
         l[g] = 0.f;
@@ -58,19 +202,18 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
     }
     for (int64_t t0 = 0; t0 < len; t0 += CHUNK) {
         int n = (int)(len - t0 < CHUNK ? len - t0 : CHUNK);
-        /* scores for this chunk of tokens */
         for (int i = 0; i < n; i++) {
             int64_t t = t0 + i;
             int64_t slot = table[t / block_size] * block_size + t % block_size;
-            const char *row = k + slot * row_bytes;
-            if (int8_rows) {
-                float ks = row_scale((const int8_t *)row, D) * scale;
-                for (int g = 0; g < G; g++) s[g][i] = dot_i8(q + g * D, (const int8_t *)row, D) * ks;
-            } else {
-                for (int g = 0; g < G; g++)
-                    s[g][i] = dot_f32(q + g * D, (const float *)row, D) * scale;
-            }
+            krows[i] = k + slot * row_bytes;
+            vrows[i] = v + slot * row_bytes;
         }
+#ifdef HAVE_AVX2
+        if (fast)
+            scores_avx2(q, krows, n, G, D, int8_rows, scale, s);
+        else
+#endif
+            scores_plain(q, krows, n, G, D, int8_rows, scale, s);
         /* rescale the running sums to the new maxima, then turn scores into weights */
         for (int g = 0; g < G; g++) {
             float mx = m[g];
@@ -81,35 +224,21 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
                 for (int d = 0; d < D; d++) acc[g][d] *= c;
                 m[g] = mx;
             }
-            for (int i = 0; i < n; i++) {
-                s[g][i] = expf(s[g][i] - mx);
-                l[g] += s[g][i];
-            }
+            for (int i = 0; i < n; i++) s[g][i] -= mx;
+#ifdef HAVE_AVX2
+            if (fast)
+                exp_inplace_avx2(s[g], n);
+            else
+#endif
+                exp_inplace_plain(s[g], n);
+            for (int i = 0; i < n; i++) l[g] += s[g][i];
         }
-        /* accumulate the weighted values */
-        for (int i = 0; i < n; i++) {
-            int64_t t = t0 + i;
-            int64_t slot = table[t / block_size] * block_size + t % block_size;
-            const char *row = v + slot * row_bytes;
-            if (int8_rows) {
-                const int8_t *c = (const int8_t *)row;
-                float vs = row_scale(c, D);
-                for (int g = 0; g < G; g++) {
-                    float p = s[g][i] * vs;
-                    float *a = acc[g];
-#pragma omp simd
-                    for (int d = 0; d < D; d++) a[d] += p * (float)c[d];
-                }
-            } else {
-                const float *r = (const float *)row;
-                for (int g = 0; g < G; g++) {
-                    float p = s[g][i];
-                    float *a = acc[g];
-#pragma omp simd
-                    for (int d = 0; d < D; d++) a[d] += p * r[d];
-                }
-            }
-        }
+#ifdef HAVE_AVX2
+        if (fast)
+            accumulate_avx2(vrows, n, G, D, int8_rows, s, acc);
+        else
+#endif
+            accumulate_plain(vrows, n, G, D, int8_rows, s, acc);
     }
     for (int g = 0; g < G; g++) {
         float inv = 1.f / l[g];

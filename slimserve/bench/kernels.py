@@ -1,0 +1,140 @@
+"""`slimserve bench kernels`: each native kernel against the PyTorch path it replaces, in one run.
+
+Two views, both A/B in the same process with the order alternated, so machine noise hits both:
+- the op alone: paged decode attention vs gather + SDPA for one layer, over batch sizes and
+  context lengths;
+- end to end: greedy decode tok/s of the engine with the kernels on and off.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from slimserve import kernels
+from slimserve.bench.runinfo import run_info
+from slimserve.layers.attention import Attention, _encode
+
+
+def _best_us(fn, runs: int) -> float:
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e6
+
+
+def _gather_sdpa(q, k_cache, v_cache, tables, L, bs):
+    k = Attention._read(k_cache, tables, L, bs)
+    v = Attention._read(v_cache, tables, L, bs)
+    return F.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+
+
+def _alternate(first, second, runs: int) -> tuple[float, float]:
+    """Best microseconds of each, measured in four rounds that alternate which goes first."""
+    a, b = [], []
+    for i in range(4):
+        if i % 2 == 0:
+            a.append(_best_us(first, max(1, runs // 4)))
+            b.append(_best_us(second, max(1, runs // 4)))
+        else:
+            b.append(_best_us(second, max(1, runs // 4)))
+            a.append(_best_us(first, max(1, runs // 4)))
+    return min(a), min(b)
+
+
+def attention_op(shapes, kv_dtype: str, runs: int = 50, Hkv=3, G=3, D=64, bs=16) -> list[dict]:
+    """Per-layer decode attention in microseconds: the kernel vs gathering and running SDPA."""
+    dtype = torch.int8 if kv_dtype == "int8" else torch.float32
+    num_blocks = 4096
+    k_cache = _encode(torch.randn(Hkv, num_blocks * bs, D), dtype).contiguous()
+    v_cache = _encode(torch.randn(Hkv, num_blocks * bs, D), dtype).contiguous()
+    rows = []
+    for B, L in shapes:
+        nblk = -(-L // bs)
+        g = torch.Generator().manual_seed(B * 10007 + L)
+        tables = torch.stack([torch.randperm(num_blocks, generator=g)[:nblk] for _ in range(B)])
+        lens = torch.full((B,), L)
+        q = torch.randn(B, Hkv, G, D)
+
+        a, b = _alternate(
+            partial(kernels.paged_decode_attention, q, k_cache, v_cache, tables, lens, bs, D**-0.5),
+            partial(_gather_sdpa, q, k_cache, v_cache, tables, L, bs),
+            runs,
+        )
+        rows.append(
+            {
+                "batch": B,
+                "context": L,
+                "native_us": a,
+                "pytorch_us": b,
+                "speedup": b / a,
+            }
+        )
+    return rows
+
+
+def end_to_end(llm, batches, decode_tokens: int, rounds: int) -> list[dict]:
+    """Greedy decode tok/s with the kernels on and off, alternating, best of `rounds`."""
+    from slimserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
+    rows = []
+    for B in batches:
+        prompts = [list(range(1000 + 7 * i, 1200 + 7 * i)) for i in range(B)]  # 200 tokens each
+        llm.generate(prompts, params, use_tqdm=False)  # warm up, fill the prefix cache
+        best = {True: 0.0, False: 0.0}
+        for i in range(2 * rounds):
+            on = i % 2 == 0
+            kernels.set_enabled(on)
+            try:
+                t = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                best[on] = max(best[on], B * decode_tokens / (time.perf_counter() - t))
+            finally:
+                kernels.set_enabled(True)
+        rows.append(
+            {
+                "batch": B,
+                "native_tok_s": best[True],
+                "pytorch_tok_s": best[False],
+                "speedup": best[True] / best[False],
+            }
+        )
+    return rows
+
+
+def run_kernels(args) -> None:
+    from slimserve.cli import make_llm
+
+    if not kernels.decode_attention_available():
+        raise RuntimeError("native kernels are not available here (see the log for why)")
+    result = {**run_info(), "kv_cache_dtype": args.kv_cache_dtype}
+    shapes = [(1, 300), (1, 1000), (8, 300), (32, 300), (64, 260)]
+    result["attention_op"] = attention_op(shapes, args.kv_cache_dtype)
+    print("decode attention, one layer (us): batch context native pytorch speedup")
+    for r in result["attention_op"]:
+        print(
+            f"  {r['batch']:>3} {r['context']:>6} {r['native_us']:8.0f} {r['pytorch_us']:8.0f}"
+            f" {r['speedup']:6.2f}x"
+        )
+    llm = make_llm(args, progress=False)
+    result["end_to_end"] = end_to_end(llm, args.batch, args.decode_tokens, args.rounds)
+    print("greedy decode (tok/s): batch native pytorch speedup")
+    for r in result["end_to_end"]:
+        print(
+            f"  {r['batch']:>3} {r['native_tok_s']:8.1f} {r['pytorch_tok_s']:8.1f}"
+            f" {r['speedup']:6.2f}x"
+        )
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.output}", file=sys.stderr)
