@@ -27,7 +27,7 @@ from slimserve.config import cache_dir_from_env, native_kernels_from_env
 
 logger = logging.getLogger("slimserve")
 
-_SOURCE = Path(__file__).with_name("paged_attention.c")
+_SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # built together into one library
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 
 _lib: ctypes.CDLL | None = None
@@ -50,10 +50,11 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (cc or gcc)")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_tag().encode()).hexdigest()
+    key = hashlib.sha256(" ".join(_FLAGS).encode() + _cpu_tag().encode())
+    for src in _SOURCES:
+        key.update(src.name.encode() + src.read_bytes())
     out_dir = cache_dir_from_env() / "kernels"
-    target = out_dir / f"paged_attention-{key[:16]}.so"
+    target = out_dir / f"slimserve-kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ def _build() -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"],
+            [compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -92,6 +93,9 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.paged_decode_attention
     fn.argtypes = [p] * 7 + [i64] * 8 + [ctypes.c_float, i64]
     fn.restype = ctypes.c_int
+    fn = lib.add_rms_norm
+    fn.argtypes = [p] * 5 + [i64, i64, ctypes.c_float, i64]
+    fn.restype = None
     _lib = lib
     return _lib
 
@@ -102,8 +106,34 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
-def decode_attention_available() -> bool:
+def available() -> bool:
+    """Whether the native kernels run in this process (built, loaded and not turned off)."""
     return _enabled and _load() is not None
+
+
+decode_attention_available = available
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) * weight, x + residual) over the last dim of float32 tensors."""
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None  # kept alive for the call
+    h, y = torch.empty_like(x), torch.empty_like(x)
+    H = x.shape[-1]
+    _lib.add_rms_norm(
+        x.data_ptr(),
+        residual.data_ptr() if residual is not None else None,
+        weight.data_ptr(),
+        h.data_ptr(),
+        y.data_ptr(),
+        x.numel() // H,
+        H,
+        eps,
+        torch.get_num_threads(),
+    )
+    return y, h
 
 
 def paged_decode_attention(

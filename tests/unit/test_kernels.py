@@ -88,3 +88,23 @@ def test_failed_build_falls_back(monkeypatch, tmp_path, caplog):
         assert not kernels.decode_attention_available()
     assert "using the PyTorch paths" in caplog.text
     assert not list((tmp_path / "kernels").glob("*"))  # no half-built file left behind
+
+
+@pytest.mark.parametrize("T", [1, 3, 40])  # 40 rows take the threaded loop
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_matches_pytorch(T, with_residual):
+    torch.manual_seed(T)
+    x, w = torch.randn(T, 576) * 3, torch.rand(576) + 0.5
+    residual = torch.randn(T, 576) if with_residual else None
+    y, h = kernels.add_rms_norm(x, residual, w, 1e-5)
+    ref_h = x + residual if with_residual else x
+    torch.testing.assert_close(h, ref_h, atol=0, rtol=0)
+    torch.testing.assert_close(y, F.rms_norm(ref_h, (576,), w, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+def test_add_rms_norm_reads_non_contiguous_inputs():
+    base = torch.randn(4, 2 * 64)
+    x, residual = base[:, :64], base[:, 64:]  # row stride 128: copied before the call
+    y, h = kernels.add_rms_norm(x, residual, torch.ones(64), 1e-6)
+    torch.testing.assert_close(h, x + residual)
+    torch.testing.assert_close(y, F.rms_norm(x + residual, (64,), torch.ones(64), 1e-6))
