@@ -28,7 +28,7 @@ class LLM:
         kv_cache_memory: str | int = "1GiB",
         block_size: int = 16,
         enable_prefix_caching: bool = True,
-        kv_cache_dtype: str = "float32",
+        kv_cache_dtype: str = "bfloat16",
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,

@@ -22,7 +22,8 @@ def gguf_path() -> str:
 def llm(gguf_path):
     from slimserve import LLM
 
-    return LLM(gguf_path, kv_cache_memory="512MiB", quantization="none")
+    # The reference configuration: float32 weights and KV cache, compared with transformers.
+    return LLM(gguf_path, kv_cache_memory="512MiB", quantization="none", kv_cache_dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ def _alternate(first, second, runs: int) -> tuple[float, float]:
 
 def attention_op(shapes, kv_dtype: str, runs: int = 50, Hkv=3, G=3, D=64, bs=16) -> list[dict]:
     """Per-layer decode attention in microseconds: the kernel vs gathering and running SDPA."""
-    dtype = torch.int8 if kv_dtype == "int8" else torch.float32
+    dtype = {"int8": torch.int8, "bfloat16": torch.bfloat16}.get(kv_dtype, torch.float32)
     num_blocks = 4096
     k_cache = _encode(torch.randn(Hkv, num_blocks * bs, D), dtype).contiguous()
     v_cache = _encode(torch.randn(Hkv, num_blocks * bs, D), dtype).contiguous()

@@ -37,7 +37,9 @@ def _common_prefix(tables: list[list[int]]) -> int:
 def kv_row(cfg: ModelConfig, dtype: str = "float32") -> tuple[int, torch.dtype]:
     """Elements and dtype of one head's key (or value) for one token in the cache: an int8 row
     carries its float32 scale in 4 extra bytes (layers/attention.py)."""
-    return (cfg.head_dim + 4, torch.int8) if dtype == "int8" else (cfg.head_dim, torch.float32)
+    if dtype == "int8":
+        return cfg.head_dim + 4, torch.int8
+    return cfg.head_dim, torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: str = "float32") -> int:

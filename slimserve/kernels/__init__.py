@@ -93,6 +93,9 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.paged_decode_attention
     fn.argtypes = [p] * 7 + [i64] * 8 + [ctypes.c_float, i64]
     fn.restype = ctypes.c_int
+    fn = lib.write_kv
+    fn.argtypes = [p, p, i64, i64, p, p, p] + [i64] * 6
+    fn.restype = None
     fn = lib.add_rms_norm
     fn.argtypes = [p] * 5 + [i64, i64, ctypes.c_float, i64]
     fn.restype = None
@@ -106,12 +109,51 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
+# Cache row formats the kernels read and write (layers/attention.py describes them).
+_ROW_KINDS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2}
+
+
 def available() -> bool:
     """Whether the native kernels run in this process (built, loaded and not turned off)."""
     return _enabled and _load() is not None
 
 
 decode_attention_available = available
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, D) float32 with heads D apart in each row (a view of qkv is fine)."""
+    if x.dtype != torch.float32 or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+        x = x.float().contiguous()
+    return x
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store new keys/values (T, Hkv, D) at their slots of a (Hkv, slots, row) cache pair,
+    encoding each row in the cache's format (float32, bfloat16, or int8 with its scale)."""
+    k, v = _rows(k), _rows(v)
+    T, Hkv, D = k.shape
+    _lib.write_kv(
+        k.data_ptr(),
+        v.data_ptr(),
+        k.stride(0),
+        v.stride(0),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slot_mapping.data_ptr(),
+        T,
+        Hkv,
+        D,
+        k_cache.shape[1],
+        _ROW_KINDS[k_cache.dtype],
+        torch.get_num_threads(),
+    )
 
 
 def add_rms_norm(
@@ -148,8 +190,9 @@ def paged_decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode attention over one layer's paged cache, reading each block in place.
 
-    q (B, Hkv, G, D) float32; k/v_cache (Hkv, slots, D) float32 or (Hkv, slots, D + 4) int8 rows
-    with their scale (layers/attention.py); tables (B, max_blocks) int64; lens (B,) int64.
+    q (B, Hkv, G, D) float32; k/v_cache (Hkv, slots, D) float32 or bfloat16, or (Hkv, slots,
+    D + 4) int8 rows with their scale (layers/attention.py); tables (B, max_blocks) int64; lens
+    (B,) int64.
     Returns out (B, Hkv, G, D) and, with `with_lse`, the log-sum-exp (B, Hkv, G) of each row."""
     lib = _load()
     if lib is None:
@@ -158,7 +201,6 @@ def paged_decode_attention(
     q = q.contiguous()
     out = torch.empty_like(q)
     lse = q.new_empty(B, Hkv, G) if with_lse else None
-    int8_rows = k_cache.dtype == torch.int8
     rc = lib.paged_decode_attention(
         q.data_ptr(),
         k_cache.data_ptr(),
@@ -174,7 +216,7 @@ def paged_decode_attention(
         k_cache.shape[1],
         tables.shape[1],
         block_size,
-        int(int8_rows),
+        _ROW_KINDS[k_cache.dtype],
         scale,
         torch.get_num_threads(),
     )

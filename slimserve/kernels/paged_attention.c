@@ -7,8 +7,8 @@
 
    Layouts (all contiguous, row-major):
      q        (B, Hkv, G, D) float32
-     k, v     (Hkv, slots, row) cache of one layer; a row is D float32, or, with int8 rows,
-              D int8 codes followed by the 4 bytes of the row's float32 scale
+     k, v     (Hkv, slots, row) cache of one layer; a row (`kind`) is D float32 (0), D int8
+              codes followed by the 4 bytes of the row's float32 scale (1), or D bfloat16 (2)
      tables   (B, max_blocks) int64 block ids; sequence b's token t sits in slot
               tables[b][t / block_size] * block_size + t % block_size
      lens     (B,) int64 tokens to attend to per sequence
@@ -33,49 +33,62 @@
 #define MAX_D 256
 #define CHUNK 32
 
-static inline float row_scale(const char *row, int D) {
-    float s;
-    memcpy(&s, row + D, sizeof s);
+enum { F32 = 0, I8 = 1, BF16 = 2 };
+
+static inline int64_t row_bytes_of(int kind, int64_t D) {
+    return kind == I8 ? D + 4 : kind == BF16 ? 2 * D : 4 * D;
+}
+
+/* The float32 scale an int8 row carries after its codes; 1 for the other kinds. */
+static inline float row_scale(const char *row, int D, int kind) {
+    float s = 1.f;
+    if (kind == I8) memcpy(&s, row + D, sizeof s);
     return s;
+}
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Element d of a row, unscaled (int8 codes come back as their integer value). */
+static inline float elem(const char *row, int d, int kind) {
+    if (kind == I8) return (float)((const int8_t *)row)[d];
+    if (kind == BF16) return bf16_to_f32(((const uint16_t *)row)[d]);
+    return ((const float *)row)[d];
 }
 
 /* ---- portable pieces ------------------------------------------------------------------- */
 
 static void scores_plain(const float *q, const char *const *rows, int n, int G, int D,
-                         int int8_rows, float scale, float s[][CHUNK]) {
+                         int kind, float scale, float s[][CHUNK]) {
     for (int i = 0; i < n; i++) {
-        if (int8_rows) {
-            const int8_t *c = (const int8_t *)rows[i];
-            float ks = row_scale(rows[i], D) * scale;
-            for (int g = 0; g < G; g++) {
-                float acc = 0.f;
-                for (int d = 0; d < D; d++) acc += q[g * D + d] * (float)c[d];
-                s[g][i] = acc * ks;
-            }
-        } else {
-            const float *r = (const float *)rows[i];
-            for (int g = 0; g < G; g++) {
-                float acc = 0.f;
-                for (int d = 0; d < D; d++) acc += q[g * D + d] * r[d];
-                s[g][i] = acc * scale;
-            }
+        float ks = row_scale(rows[i], D, kind) * scale;
+        for (int g = 0; g < G; g++) {
+            float acc = 0.f;
+            for (int d = 0; d < D; d++) acc += q[g * D + d] * elem(rows[i], d, kind);
+            s[g][i] = acc * ks;
         }
     }
 }
 
-static void accumulate_plain(const char *const *rows, int n, int G, int D, int int8_rows,
+static void accumulate_plain(const char *const *rows, int n, int G, int D, int kind,
                              float p[][CHUNK], float acc[][MAX_D]) {
     for (int i = 0; i < n; i++) {
-        float vs = int8_rows ? row_scale(rows[i], D) : 1.f;
+        float vs = row_scale(rows[i], D, kind);
         for (int g = 0; g < G; g++) {
             float w = p[g][i] * vs;
-            if (int8_rows) {
-                const int8_t *c = (const int8_t *)rows[i];
-                for (int d = 0; d < D; d++) acc[g][d] += w * (float)c[d];
-            } else {
-                const float *r = (const float *)rows[i];
-                for (int d = 0; d < D; d++) acc[g][d] += w * r[d];
-            }
+            for (int d = 0; d < D; d++) acc[g][d] += w * elem(rows[i], d, kind);
         }
     }
 }
@@ -87,10 +100,14 @@ static void exp_inplace_plain(float *x, int n) {
 /* ---- AVX2 + FMA pieces ------------------------------------------------------------------ */
 
 #ifdef HAVE_AVX2
-static inline __m256 load8(const char *row, int d, int int8_rows) {
-    if (int8_rows) {
+static inline __m256 load8(const char *row, int d, int kind) {
+    if (kind == I8) {
         __m128i c = _mm_loadl_epi64((const __m128i *)(row + d));
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+    }
+    if (kind == BF16) {
+        __m128i b = _mm_loadu_si128((const __m128i *)(row + 2 * d));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
     }
     return _mm256_loadu_ps((const float *)row + d);
 }
@@ -130,20 +147,20 @@ static void exp_inplace_avx2(float *x, int n) {
 
 /* Scores of up to four query rows (q + g0 * D ...) against every row of the chunk. */
 static void scores_avx2(const float *q, const char *const *rows, int n, int G, int D,
-                        int int8_rows, float scale, float s[][CHUNK]) {
+                        int kind, float scale, float s[][CHUNK]) {
     for (int g0 = 0; g0 < G; g0 += 4) {
         int gn = G - g0 < 4 ? G - g0 : 4;
         const float *q0 = q + g0 * D;
         for (int i = 0; i < n; i++) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int d = 0; d < D; d += 8) {
-                __m256 kv = load8(rows[i], d, int8_rows);
+                __m256 kv = load8(rows[i], d, kind);
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kv, a0);
                 if (gn > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + d), kv, a1);
                 if (gn > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + d), kv, a2);
                 if (gn > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + d), kv, a3);
             }
-            float ks = scale * (int8_rows ? row_scale(rows[i], D) : 1.f);
+            float ks = scale * row_scale(rows[i], D, kind);
             s[g0][i] = hsum8(a0) * ks;
             if (gn > 1) s[g0 + 1][i] = hsum8(a1) * ks;
             if (gn > 2) s[g0 + 2][i] = hsum8(a2) * ks;
@@ -153,11 +170,11 @@ static void scores_avx2(const float *q, const char *const *rows, int n, int G, i
 }
 
 /* acc[g][d:d+8] += sum_i p[g][i] * v_i[d:d+8], four query rows' accumulators in registers. */
-static void accumulate_avx2(const char *const *rows, int n, int G, int D, int int8_rows,
+static void accumulate_avx2(const char *const *rows, int n, int G, int D, int kind,
                             float p[][CHUNK], float acc[][MAX_D]) {
     float w[MAX_G][CHUNK];
     for (int g = 0; g < G; g++)
-        for (int i = 0; i < n; i++) w[g][i] = p[g][i] * (int8_rows ? row_scale(rows[i], D) : 1.f);
+        for (int i = 0; i < n; i++) w[g][i] = p[g][i] * row_scale(rows[i], D, kind);
     for (int g0 = 0; g0 < G; g0 += 4) {
         int gn = G - g0 < 4 ? G - g0 : 4;
         for (int d = 0; d < D; d += 8) {
@@ -166,7 +183,7 @@ static void accumulate_avx2(const char *const *rows, int n, int G, int D, int in
             __m256 a2 = gn > 2 ? _mm256_loadu_ps(acc[g0 + 2] + d) : a0;
             __m256 a3 = gn > 3 ? _mm256_loadu_ps(acc[g0 + 3] + d) : a0;
             for (int i = 0; i < n; i++) {
-                __m256 vv = load8(rows[i], d, int8_rows);
+                __m256 vv = load8(rows[i], d, kind);
                 a0 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0][i]), vv, a0);
                 if (gn > 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0 + 1][i]), vv, a1);
                 if (gn > 2) a2 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0 + 2][i]), vv, a2);
@@ -184,9 +201,9 @@ static void accumulate_avx2(const char *const *rows, int n, int G, int D, int in
 /* ---- one (sequence, KV head) ------------------------------------------------------------ */
 
 static void one_head(const float *q, const char *k, const char *v, const int64_t *table,
-                     int64_t len, int block_size, int G, int D, int int8_rows, float scale,
+                     int64_t len, int block_size, int G, int D, int kind, float scale,
                      float *out, float *lse) {
-    const int64_t row_bytes = int8_rows ? (int64_t)D + 4 : (int64_t)D * 4;
+    const int64_t row_bytes = row_bytes_of(kind, D);
 #ifdef HAVE_AVX2
     const int fast = D % 8 == 0;
 #else
@@ -210,10 +227,10 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
         }
 #ifdef HAVE_AVX2
         if (fast)
-            scores_avx2(q, krows, n, G, D, int8_rows, scale, s);
+            scores_avx2(q, krows, n, G, D, kind, scale, s);
         else
 #endif
-            scores_plain(q, krows, n, G, D, int8_rows, scale, s);
+            scores_plain(q, krows, n, G, D, kind, scale, s);
         /* rescale the running sums to the new maxima, then turn scores into weights */
         for (int g = 0; g < G; g++) {
             float mx = m[g];
@@ -235,10 +252,10 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
         }
 #ifdef HAVE_AVX2
         if (fast)
-            accumulate_avx2(vrows, n, G, D, int8_rows, s, acc);
+            accumulate_avx2(vrows, n, G, D, kind, s, acc);
         else
 #endif
-            accumulate_plain(vrows, n, G, D, int8_rows, s, acc);
+            accumulate_plain(vrows, n, G, D, kind, s, acc);
     }
     for (int g = 0; g < G; g++) {
         float inv = 1.f / l[g];
@@ -251,16 +268,46 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
 int paged_decode_attention(const float *q, const char *k_cache, const char *v_cache,
                            const int64_t *tables, const int64_t *lens, float *out, float *lse,
                            int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t slots,
-                           int64_t max_blocks, int64_t block_size, int64_t int8_rows,
+                           int64_t max_blocks, int64_t block_size, int64_t kind,
                            float scale, int64_t num_threads) {
     if (G > MAX_G || D > MAX_D) return -1;
-    const int64_t row_bytes = int8_rows ? D + 4 : D * 4;
+    const int64_t row_bytes = row_bytes_of((int)kind, D);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t w = 0; w < B * Hkv; w++) {
         int64_t b = w / Hkv, h = w % Hkv;
         one_head(q + w * G * D, k_cache + h * slots * row_bytes, v_cache + h * slots * row_bytes,
                  tables + b * max_blocks, lens[b], (int)block_size, (int)G, (int)D,
-                 (int)int8_rows, scale, out + w * G * D, lse ? lse + w * G : NULL);
+                 (int)kind, scale, out + w * G * D, lse ? lse + w * G : NULL);
     }
     return 0;
+}
+
+/* Writes new keys and values to their cache slots in the cache's row format: k/v rows of token t
+   start at k + t * k_stride (heads contiguous, D apart); int8 rows get the per-row symmetric
+   scale max|x| / 127 (at least 1e-8 / 127) and codes rounded half to even, as PyTorch rounds. */
+void write_kv(const float *k, const float *v, int64_t k_stride, int64_t v_stride, char *k_cache,
+              char *v_cache, const int64_t *slot_mapping, int64_t T, int64_t Hkv, int64_t D,
+              int64_t slots, int64_t kind, int64_t num_threads) {
+    const int64_t rb = row_bytes_of((int)kind, D);
+#pragma omp parallel for num_threads(num_threads) if (T >= 64)
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t h = 0; h < Hkv; h++) {
+            for (int which = 0; which < 2; which++) {
+                const float *src = (which ? v + t * v_stride : k + t * k_stride) + h * D;
+                char *dst = (which ? v_cache : k_cache) + (h * slots + slot_mapping[t]) * rb;
+                if (kind == F32) {
+                    memcpy(dst, src, (size_t)D * sizeof(float));
+                } else if (kind == BF16) {
+                    for (int64_t d = 0; d < D; d++) ((uint16_t *)dst)[d] = f32_to_bf16(src[d]);
+                } else {
+                    float amax = 0.f;
+                    for (int64_t d = 0; d < D; d++) amax = fmaxf(amax, fabsf(src[d]));
+                    float scale = fmaxf(amax, 1e-8f) / 127.f;
+                    for (int64_t d = 0; d < D; d++)
+                        ((int8_t *)dst)[d] = (int8_t)nearbyintf(src[d] / scale);
+                    memcpy(dst + D, &scale, sizeof scale);
+                }
+            }
+        }
+    }
 }

@@ -7,6 +7,7 @@ One layer's cache is a pair of head-major tensors (Hkv, num_blocks * block_size,
 New keys/values are scattered to their slots, then each attention group reads what it needs.
 Only attention sees per-sequence shapes; every other layer works on the flat (T, hidden) batch.
 
+A bfloat16 cache (`--kv-cache-dtype bfloat16`) stores each row rounded to bfloat16, half the bytes.
 With an int8 cache (`--kv-cache-dtype int8`) each slot holds D int8 codes followed by the 4 bytes
 of that token's float32 scale for the head (symmetric, per token and head), so one gather brings
 codes and scales together and the cache costs (D + 4) bytes per head and token instead of 4 D.
@@ -21,10 +22,10 @@ from slimserve.engine.forward_context import get_forward_context
 
 
 def _encode(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(..., D) float keys/values -> what a cache of `dtype` stores: themselves, or for int8 the
-    codes with each vector's float32 scale appended as 4 bytes, (..., D + 4)."""
+    """(..., D) float keys/values -> what a cache of `dtype` stores: themselves (cast), or for
+    int8 the codes with each vector's float32 scale appended as 4 bytes, (..., D + 4)."""
     if dtype != torch.int8:
-        return x
+        return x.to(dtype)
     scale = x.abs().amax(-1, keepdim=True).clamp_min_(1e-8) / 127
     codes = torch.round(x / scale).to(torch.int8)
     return torch.cat((codes, scale.view(torch.int8)), dim=-1)
@@ -33,6 +34,15 @@ def _encode(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _decode(stored: torch.Tensor) -> torch.Tensor:
     """(..., D + 4) int8 cache rows -> (..., D) float32."""
     return stored[..., :-4].float() * stored[..., -4:].contiguous().view(torch.float32)
+
+
+def _as_stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `dtype` gives it back. A fresh prompt attends to these rounded values, like
+    every later read from the cache, so a prompt computed whole, in chunks, or again after
+    preemption gives the same numbers."""
+    if dtype == torch.int8:
+        return _decode(_encode(x, dtype))
+    return x if dtype == x.dtype else x.to(dtype).float()
 
 
 # Up to this many blocks per head, one index_select over all heads beats a per-head loop (9 vs
@@ -56,8 +66,11 @@ class Attention(nn.Module):
         """q: (T, H, D), k/v: (T, Hkv, D) -> (T, H * D)."""
         ctx = get_forward_context()
         k_cache, v_cache = self.kv_cache
-        k_cache.index_copy_(1, ctx.slot_mapping, _encode(k, k_cache.dtype).transpose(0, 1))
-        v_cache.index_copy_(1, ctx.slot_mapping, _encode(v, v_cache.dtype).transpose(0, 1))
+        if kernels.available() and k.device.type == "cpu":
+            kernels.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        else:
+            k_cache.index_copy_(1, ctx.slot_mapping, _encode(k, k_cache.dtype).transpose(0, 1))
+            v_cache.index_copy_(1, ctx.slot_mapping, _encode(v, v_cache.dtype).transpose(0, 1))
         T, H, D = q.shape
         if len(ctx.groups) == 1:
             return self._group(ctx.groups[0], q, k, v).reshape(T, H * D)
@@ -71,7 +84,7 @@ class Attention(nn.Module):
         """(B, Hkv, length, D) keys or values: `where` is a slice of slots or (B, nblk) blocks."""
         if cache.dtype == torch.int8:
             return _decode(Attention._gather(cache, where, length, block_size))
-        return Attention._gather(cache, where, length, block_size)
+        return Attention._gather(cache, where, length, block_size).float()
 
     @staticmethod
     def _gather(cache: torch.Tensor, where, length: int, block_size: int) -> torch.Tensor:
@@ -133,8 +146,9 @@ class Attention(nn.Module):
             qg = q[g.start : g.end].view(B, Hkv, G, D)
             return self._paged(g, qg)[0].view(B, self.num_heads, D)
         if g.kv_indices is None:  # fresh prompt: its own new keys, causal
-            kg = k[g.start : g.end].view(B, Lq, Hkv, D).transpose(1, 2)
-            vg = v[g.start : g.end].view(B, Lq, Hkv, D).transpose(1, 2)
+            k_cache, v_cache = self.kv_cache
+            kg = _as_stored(k[g.start : g.end], k_cache.dtype).view(B, Lq, Hkv, D).transpose(1, 2)
+            vg = _as_stored(v[g.start : g.end], v_cache.dtype).view(B, Lq, Hkv, D).transpose(1, 2)
         elif g.shared is not None:
             kg = vg = None  # read inside _cascade (or by the native kernel)
         else:

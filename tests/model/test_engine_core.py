@@ -30,7 +30,11 @@ def cold_llm(gguf_path):
     These tests compare token ids exactly across batch shapes, so they run float32 weights: the
     int4 kernel's bf16 rounding differs with the batch shape, which can flip a near-tie."""
     return LLM(
-        gguf_path, quantization="none", kv_cache_memory="256MiB", enable_prefix_caching=False
+        gguf_path,
+        quantization="none",
+        kv_cache_dtype="float32",
+        kv_cache_memory="256MiB",
+        enable_prefix_caching=False,
     )
 
 
@@ -95,6 +99,7 @@ def test_chunked_prefill_with_a_tiny_budget(gguf_path, llm):
     tiny = LLM(
         gguf_path,
         quantization="none",
+        kv_cache_dtype="float32",
         kv_cache_memory="128MiB",
         max_num_batched_tokens=7,
         enable_prefix_caching=False,
@@ -107,13 +112,20 @@ def test_chunked_prefill_with_a_tiny_budget(gguf_path, llm):
     assert tiny.engine.stats().last_batch_tokens <= 7
 
 
+def block_bytes(llm) -> int:
+    from slimserve.engine.model_runner import kv_bytes_per_token
+
+    runner = llm.engine.runner
+    return runner.block_size * kv_bytes_per_token(llm.engine.model_config, runner.kv_dtype)
+
+
 def test_preemption_under_a_tiny_kv_budget_keeps_outputs(gguf_path, llm):
     # 48 blocks of 16 tokens; 6 requests of ~250 tokens each need ~100 blocks together.
-    block_bytes = llm.engine.runner.kv.block_size * 30 * 2 * 3 * 64 * 4
     small = LLM(
         gguf_path,
         quantization="none",
-        kv_cache_memory=48 * block_bytes,
+        kv_cache_dtype="float32",
+        kv_cache_memory=48 * block_bytes(llm),
         enable_prefix_caching=False,
     )
     g = torch.Generator().manual_seed(1)
@@ -131,8 +143,12 @@ def test_preemption_under_a_tiny_kv_budget_keeps_outputs(gguf_path, llm):
 def test_request_that_can_never_fit_is_refused(gguf_path, llm):
     from slimserve.errors import CapacityError
 
-    block_bytes = llm.engine.runner.kv.block_size * 30 * 2 * 3 * 64 * 4
-    small = LLM(gguf_path, quantization="none", kv_cache_memory=4 * block_bytes)
+    small = LLM(
+        gguf_path,
+        quantization="none",
+        kv_cache_dtype="float32",
+        kv_cache_memory=4 * block_bytes(llm),
+    )
     with pytest.raises(CapacityError, match="raise --kv-cache-memory"):
         small.generate([[5] * 60], greedy(10))
     assert not small.engine.has_unfinished()
@@ -223,3 +239,30 @@ def test_native_decode_attention_gives_the_pytorch_output(llm, monkeypatch):
     finally:
         kernels.set_enabled(True)
     assert native == reference
+
+
+def test_bf16_kv_cache_gives_one_answer_whole_chunked_or_preempted(gguf_path):
+    """The default cache. A fresh prompt attends to its keys rounded as the cache stores them, so
+    computing it whole, in 16-token chunks, or again after preemption gives the same tokens.
+
+    (Only float rounding noise is left between those paths; an int8 cache can turn that noise
+    into a different code near a rounding boundary, so it is not held to this.)"""
+    kv_dtype = "bfloat16"
+    whole = LLM(gguf_path, quantization="none", kv_cache_memory="64MiB", kv_cache_dtype=kv_dtype)
+    bytes_per_block = block_bytes(whole)
+    squeezed = LLM(
+        gguf_path,
+        quantization="none",
+        kv_cache_dtype=kv_dtype,
+        kv_cache_memory=48 * bytes_per_block,
+        max_num_batched_tokens=16,
+        enable_prefix_caching=False,
+    )
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(100, 40000, (200,), generator=g).tolist() for _ in range(6)]
+    params = [greedy(48, ignore_eos=True)] * 6
+    outs = squeezed.generate(prompts, params)
+    assert squeezed.engine.stats().preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == [
+        o.token_ids for o in solo(whole, prompts, params)
+    ]

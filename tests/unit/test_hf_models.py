@@ -70,7 +70,9 @@ CASES = {
 def test_hf_directory_logits_match_transformers(tmp_path, llm, case):
     arch, overrides = CASES[case]
     ref_model = make_hf_dir(tmp_path, llm, arch, **overrides)
-    ours = LLM(str(tmp_path), kv_cache_memory="16MiB", max_num_batched_tokens=64)
+    ours = LLM(
+        str(tmp_path), kv_cache_memory="16MiB", max_num_batched_tokens=64, kv_cache_dtype="float32"
+    )
     if arch == "qwen2":
         assert ours.engine.model_config.attention_bias
     ids = torch.randint(3, VOCAB, (200,), generator=torch.Generator().manual_seed(1)).tolist()

@@ -22,12 +22,13 @@ def _reference(q, k_cache, v_cache, tables, lens, block_size, scale):
         k, v = k_cache[:, slots], v_cache[:, slots]
         if k_cache.dtype == torch.int8:
             k, v = _decode(k), _decode(v)
+        k, v = k.float(), v.float()
         outs.append(F.scaled_dot_product_attention(q[b], k, v, scale=scale))
         lses.append(((q[b] @ k.transpose(-1, -2)) * scale).logsumexp(-1))
     return torch.stack(outs), torch.stack(lses)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 # D = 20 takes the portable loops; the others the vector path (when the CPU has AVX2), G = 6
 # two groups of four query rows.
 @pytest.mark.parametrize("block_size,G,D", [(16, 3, 64), (64, 1, 32), (8, 6, 128), (16, 2, 20)])
@@ -108,3 +109,26 @@ def test_add_rms_norm_reads_non_contiguous_inputs():
     y, h = kernels.add_rms_norm(x, residual, torch.ones(64), 1e-6)
     torch.testing.assert_close(h, x + residual)
     torch.testing.assert_close(y, F.rms_norm(x + residual, (64,), torch.ones(64), 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_write_kv_is_bit_exact_with_the_pytorch_encoding(dtype):
+    """Keys and values taken as strided views of a packed projection, as the model passes them."""
+    torch.manual_seed(1)
+    T, H, Hkv, D, slots = 5, 6, 2, 64, 40
+    qkv = torch.randn(T, (H + 2 * Hkv) * D) * 4
+    qkv[0, H * D : (H + 1) * D] = 0  # an all-zero row: the int8 scale floor
+    k = qkv[:, H * D : (H + Hkv) * D].view(T, Hkv, D)
+    v = qkv[:, (H + Hkv) * D :].view(T, Hkv, D)
+    width = D + 4 if dtype == torch.int8 else D
+    k_cache, v_cache = (
+        torch.zeros(Hkv, slots, width, dtype=dtype),
+        torch.zeros(Hkv, slots, width, dtype=dtype),
+    )
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    slot_mapping = torch.tensor([3, 17, 4, 39, 0])
+    kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    ref_k.index_copy_(1, slot_mapping, _encode(k, dtype).transpose(0, 1))
+    ref_v.index_copy_(1, slot_mapping, _encode(v, dtype).transpose(0, 1))
+    assert torch.equal(k_cache.view(torch.uint8), ref_k.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), ref_v.view(torch.uint8))
