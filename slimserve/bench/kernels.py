@@ -17,19 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from slimserve import kernels
+from slimserve.bench.roofline import _best
 from slimserve.bench.runinfo import run_info
 from slimserve.layers.attention import Attention, _encode
 
 
 def _best_us(fn, runs: int) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e6
+    return _best(fn, runs) * 1e6
 
 
 def _gather_sdpa(q, k_cache, v_cache, tables, L, bs):

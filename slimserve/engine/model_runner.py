@@ -190,36 +190,25 @@ class ModelRunner:
         lens = [r.num_computed_tokens + 1 - shared_len for r in reqs]
         L = max(lens)
         shared = self._blocks([rows[0][:common]], shared_len) if common else None
+        mask = seq_lens = None
         if kernels.decode_attention_available():
             # The native kernel reads each sequence's own blocks in place: no mask, no gather.
             nblk = -(-L // self.block_size)
             table = [t[common : common + nblk] for t in rows]
-            return AttentionGroup(
-                start,
-                start + len(reqs),
-                len(reqs),
-                1,
-                torch.tensor([t + [0] * (nblk - len(t)) for t in table], dtype=torch.long),
-                None,
-                causal=False,
-                kv_len=L,
-                block_size=self.block_size,
-                shared=shared,
-                shared_len=shared_len,
-                seq_lens=torch.tensor(lens, dtype=torch.long),
-            )
-        mask = None
-        if min(lens) != L:
-            visible = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[
-                :, None, None
-            ]
-            # The cascade path calls the LSE-returning kernel, which takes an additive mask.
-            mask = (
-                torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
-                if common
-                else visible
-            )
-        blocks = self._blocks([t[common:] for t in rows], L)
+            blocks = torch.tensor([t + [0] * (nblk - len(t)) for t in table], dtype=torch.long)
+            seq_lens = torch.tensor(lens, dtype=torch.long)
+        else:
+            if min(lens) != L:
+                visible = (torch.arange(L).unsqueeze(0) < torch.tensor(lens).unsqueeze(1))[
+                    :, None, None
+                ]
+                # The cascade path calls the LSE-returning kernel, which takes an additive mask.
+                mask = (
+                    torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+                    if common
+                    else visible
+                )
+            blocks = self._blocks([t[common:] for t in rows], L)
         return AttentionGroup(
             start,
             start + len(reqs),
@@ -232,6 +221,7 @@ class ModelRunner:
             block_size=self.block_size,
             shared=shared,
             shared_len=shared_len,
+            seq_lens=seq_lens,
         )
 
     def _prefill_group(self, first: int, start: int, n: int, table: list[int]) -> AttentionGroup:
