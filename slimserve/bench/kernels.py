@@ -109,7 +109,7 @@ def end_to_end(llm, batches, decode_tokens: int, rounds: int) -> list[dict]:
 def run_kernels(args) -> None:
     from slimserve.cli import make_llm
 
-    if not kernels.decode_attention_available():
+    if not kernels.available():
         raise RuntimeError("native kernels are not available here (see the log for why)")
     result = {**run_info(), "kv_cache_dtype": args.kv_cache_dtype}
     shapes = [(1, 300), (1, 1000), (8, 300), (32, 300), (64, 260)]

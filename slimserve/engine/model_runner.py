@@ -71,6 +71,8 @@ class ModelRunner:
         for i, attn in enumerate(layers):
             attn.kv_cache = (self.kv_cache[i, 0], self.kv_cache[i, 1])
         self.sampler = Sampler()
+        group = model_config.num_heads // model_config.num_kv_heads
+        self.native_decode_shape = kernels.decode_attention_supports(group, model_config.head_dim)
 
     @property
     def capacity_tokens(self) -> int:
@@ -191,7 +193,7 @@ class ModelRunner:
         L = max(lens)
         shared = self._blocks([rows[0][:common]], shared_len) if common else None
         mask = seq_lens = None
-        if kernels.decode_attention_available():
+        if self.native_decode_shape and kernels.available():
             # The native kernel reads each sequence's own blocks in place: no mask, no gather.
             nblk = -(-L // self.block_size)
             table = [t[common : common + nblk] for t in rows]

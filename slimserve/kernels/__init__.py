@@ -118,7 +118,13 @@ def available() -> bool:
     return _enabled and _load() is not None
 
 
-decode_attention_available = available
+# The decode-attention kernel keeps one (sequence, KV head)'s accumulators on the stack.
+MAX_QUERY_GROUP, MAX_HEAD_DIM = 32, 256
+
+
+def decode_attention_supports(group: int, head_dim: int) -> bool:
+    """Whether the paged decode kernel takes G = `group` query heads per KV head of `head_dim`."""
+    return group <= MAX_QUERY_GROUP and head_dim <= MAX_HEAD_DIM
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +202,7 @@ def paged_decode_attention(
     Returns out (B, Hkv, G, D) and, with `with_lse`, the log-sum-exp (B, Hkv, G) of each row."""
     lib = _load()
     if lib is None:
-        raise RuntimeError("native kernels are unavailable; check decode_attention_available()")
+        raise RuntimeError("native kernels are unavailable; check available()")
     B, Hkv, G, D = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)

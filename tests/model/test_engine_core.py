@@ -220,7 +220,7 @@ def test_native_decode_attention_gives_the_pytorch_output(llm, monkeypatch):
     shared-prefix (cascade) run and unrelated requests: the same greedy tokens."""
     from slimserve import kernels
 
-    if not kernels.decode_attention_available():
+    if not kernels.available():
         pytest.skip("no C compiler: only the PyTorch path exists here")
     calls = []
     real = kernels.paged_decode_attention

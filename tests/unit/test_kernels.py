@@ -8,7 +8,7 @@ from slimserve import kernels
 from slimserve.layers.attention import _decode, _encode
 
 pytestmark = pytest.mark.skipif(
-    not kernels.decode_attention_available(), reason="no C compiler: the PyTorch path runs"
+    not kernels.available(), reason="no C compiler: the PyTorch path runs"
 )
 
 
@@ -86,7 +86,7 @@ def test_failed_build_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setenv("SLIMSERVE_CACHE", str(tmp_path))
     with caplog.at_level("WARNING", logger="slimserve"):
-        assert not kernels.decode_attention_available()
+        assert not kernels.available()
     assert "using the PyTorch paths" in caplog.text
     assert not list((tmp_path / "kernels").glob("*"))  # no half-built file left behind
 
@@ -132,3 +132,17 @@ def test_write_kv_is_bit_exact_with_the_pytorch_encoding(dtype):
     ref_v.index_copy_(1, slot_mapping, _encode(v, dtype).transpose(0, 1))
     assert torch.equal(k_cache.view(torch.uint8), ref_k.view(torch.uint8))
     assert torch.equal(v_cache.view(torch.uint8), ref_v.view(torch.uint8))
+
+
+def test_decode_kernel_limits_match_the_c_buffers():
+    """The runner asks `decode_attention_supports` before it builds a native decode group; the
+    limits must be the C kernel's (a larger shape is refused there, mid-step)."""
+    assert kernels.decode_attention_supports(kernels.MAX_QUERY_GROUP, kernels.MAX_HEAD_DIM)
+    assert not kernels.decode_attention_supports(kernels.MAX_QUERY_GROUP + 1, 64)
+    assert not kernels.decode_attention_supports(1, kernels.MAX_HEAD_DIM + 8)
+    q = torch.randn(1, 1, kernels.MAX_QUERY_GROUP, kernels.MAX_HEAD_DIM)
+    cache = torch.randn(1, 16, kernels.MAX_HEAD_DIM)
+    out, _ = kernels.paged_decode_attention(
+        q, cache, cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([16]), 16, 0.1
+    )
+    assert torch.isfinite(out).all()
