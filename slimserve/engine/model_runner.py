@@ -193,7 +193,7 @@ class ModelRunner:
         L = max(lens)
         shared = self._blocks([rows[0][:common]], shared_len) if common else None
         mask = seq_lens = None
-        if self.native_decode_shape and kernels.available():
+        if self.native_decode_shape and kernels.available("paged_decode_attention"):
             # The native kernel reads each sequence's own blocks in place: no mask, no gather.
             nblk = -(-L // self.block_size)
             table = [t[common : common + nblk] for t in rows]

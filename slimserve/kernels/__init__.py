@@ -33,6 +33,7 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 _lib: ctypes.CDLL | None = None
 _tried = False
 _enabled = True
+_turned_off: set[str] = set()  # single kernels turned off, for A/B runs
 
 
 def _cpu_tag() -> str:
@@ -99,23 +100,39 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.add_rms_norm
     fn.argtypes = [p] * 5 + [i64, i64, ctypes.c_float, i64]
     fn.restype = None
+    fn = lib.int4_matmul
+    fn.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p, p, i64, i64, i64]
+    fn.restype = ctypes.c_int
     _lib = lib
     return _lib
 
 
-def set_enabled(enabled: bool) -> None:
-    """Turn the native kernels off (or back on) in this process: for A/B tests and benchmarks."""
+KERNELS = ("paged_decode_attention", "write_kv", "add_rms_norm", "int4_matmul")
+
+
+def set_enabled(enabled: bool, kernel: str | None = None) -> None:
+    """Turn the native kernels, or one of KERNELS, off (or back on) in this process: for A/B
+    tests and benchmarks."""
     global _enabled
-    _enabled = enabled
+    if kernel is None:
+        _enabled = enabled
+        _turned_off.clear()
+    elif kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {', '.join(KERNELS)}")
+    elif enabled:
+        _turned_off.discard(kernel)
+    else:
+        _turned_off.add(kernel)
 
 
 # Cache row formats the kernels read and write (layers/attention.py describes them).
 _ROW_KINDS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2}
 
 
-def available() -> bool:
-    """Whether the native kernels run in this process (built, loaded and not turned off)."""
-    return _enabled and _load() is not None
+def available(kernel: str | None = None) -> bool:
+    """Whether the native kernels (or one of KERNELS) run in this process: built, loaded and not
+    turned off."""
+    return _enabled and kernel not in _turned_off and _load() is not None
 
 
 # The decode-attention kernel keeps one (sequence, KV head)'s accumulators on the stack.
@@ -229,3 +246,39 @@ def paged_decode_attention(
     if rc:
         raise ValueError(f"paged_decode_attention: unsupported shape G={G}, D={D}")
     return out, lse
+
+
+def int4_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_zeros: torch.Tensor,
+    group: int,
+    doubled: bool,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """x (M, K) float32 times a weight in PyTorch's packed int4 layout (quant/int4.py), with the
+    activations rounded to int8 per block of 32 (+ bias): (M, out_features) float32, or None
+    when the kernel does not take it (no AVX2, K not a multiple of 32) and the caller should use
+    PyTorch's kernel."""
+    M, K = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = x.new_empty(M, out_features)
+    rc = _lib.int4_matmul(
+        x.data_ptr(),
+        x.stride(0),
+        M,
+        K,
+        int(doubled),
+        packed.data_ptr(),
+        scales_zeros.data_ptr(),
+        scales_zeros.shape[1],
+        group,
+        bias.data_ptr() if bias is not None else None,
+        y.data_ptr(),
+        y.stride(0),
+        out_features,
+        torch.get_num_threads(),
+    )
+    return None if rc else y

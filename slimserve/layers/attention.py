@@ -66,7 +66,7 @@ class Attention(nn.Module):
         """q: (T, H, D), k/v: (T, Hkv, D) -> (T, H * D)."""
         ctx = get_forward_context()
         k_cache, v_cache = self.kv_cache
-        if kernels.available() and k.device.type == "cpu":
+        if kernels.available("write_kv") and k.device.type == "cpu":
             kernels.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
         else:
             k_cache.index_copy_(1, ctx.slot_mapping, _encode(k, k_cache.dtype).transpose(0, 1))

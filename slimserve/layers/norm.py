@@ -14,7 +14,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if x.dtype == torch.float32 and x.device.type == "cpu" and kernels.available():
+        if (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and kernels.available("add_rms_norm")
+        ):
             return kernels.add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual

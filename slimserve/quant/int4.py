@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimserve import kernels
 from slimserve.engine.forward_context import get_forward_context
 
 BLOCK_N = 64  # the packed layout interleaves output rows in tiles of 64 (see `_rows_codes`)
@@ -81,6 +82,18 @@ class Int4Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.device.type == "cpu" and kernels.available("int4_matmul"):
+            y = kernels.int4_matmul(
+                x,
+                self.packed,
+                self.scales_zeros,
+                self.group,
+                self.doubled,
+                self.out_features,
+                self.bias,
+            )
+            if y is not None:
+                return y
         xb = x.to(torch.bfloat16)
         if self.doubled:
             xb = torch.cat((xb, xb), dim=-1)

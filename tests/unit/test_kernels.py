@@ -146,3 +146,85 @@ def test_decode_kernel_limits_match_the_c_buffers():
         q, cache, cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([16]), 16, 0.1
     )
     assert torch.isfinite(out).all()
+
+
+def _int4_linear(N, K, group, eight_bit, bias=False):
+    from slimserve.quant.int4 import Int4Linear, int8_as_int4, quantize_int4, quantize_int8
+
+    w = torch.randn(N, K)
+    if eight_bit:
+        codes, scale, zero = int8_as_int4(*quantize_int8(w))
+    else:
+        codes, scale, zero = quantize_int4(w, group)
+    b = torch.randn(N) if bias else None
+    return Int4Linear(codes, scale, zero, in_features=K, output_sizes=[N], bias=b)
+
+
+def _int8_rows(x):
+    """x rounded as the kernel rounds activations: int8 per 32 inputs, scale amax / 127."""
+    g = x.reshape(x.shape[0], -1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv) * (amax / 127)).view_as(x)
+
+
+@pytest.mark.parametrize(
+    "N,K,group,eight_bit,bias,M",
+    [
+        (960, 576, 32, False, False, 1),
+        (192, 576, 32, False, True, 3),
+        (128, 512, 128, False, False, 17),  # passes of 4 rows and a remainder; groups of 128
+        (100, 256, 32, True, True, 2),  # 8-bit as doubled K; 100 rows padded to 128
+    ],
+)
+def test_int4_matmul_matches_dequantized_weights(N, K, group, eight_bit, bias, M):
+    """The kernel computes x8 @ dequantize(W).T exactly up to float summation order, where x8 is
+    x rounded to int8 per block of 32."""
+    torch.manual_seed(0)
+    lin = _int4_linear(N, K, group, eight_bit, bias)
+    wide = torch.randn(M, K + 64)
+    x = wide[:, 16 : 16 + K]  # rows K + 64 apart: read in place
+    x[0, :32] = 0  # an all-zero block has scale 0, not NaN
+    y = kernels.int4_matmul(
+        x, lin.packed, lin.scales_zeros, lin.group, lin.doubled, lin.out_features, lin.bias
+    )
+    if y is None:
+        pytest.skip("the int4 kernel needs AVX2")
+    ref = _int8_rows(x) @ lin.rows(torch.arange(N)).t()
+    if bias:
+        ref = ref + lin.bias
+    assert y.shape == (M, N)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # Against the float activations the gap is the int8 rounding: well under 1%.
+    exact = x @ lin.rows(torch.arange(N)).t() + (lin.bias if bias else 0)
+    assert (y - exact).norm() / exact.norm() < 1e-2
+
+
+def test_int4_matmul_rows_do_not_depend_on_the_batch():
+    """A row's output is bit-identical alone or batched: serving results don't depend on who
+    else is in the step."""
+    torch.manual_seed(1)
+    lin = _int4_linear(320, 576, 32, False)
+    x = torch.randn(9, 576)
+    args = (lin.packed, lin.scales_zeros, lin.group, lin.doubled, lin.out_features)
+    batched = kernels.int4_matmul(x, *args)
+    if batched is None:
+        pytest.skip("the int4 kernel needs AVX2")
+    for i in (0, 4, 8):
+        assert torch.equal(kernels.int4_matmul(x[i : i + 1], *args), batched[i : i + 1])
+
+
+def test_int4_linear_uses_the_kernel_unless_turned_off():
+    torch.manual_seed(2)
+    lin = _int4_linear(128, 256, 32, False)
+    x = torch.randn(4, 256)
+    native = lin(x)
+    kernels.set_enabled(False, "int4_matmul")
+    try:
+        pytorch = lin(x)
+    finally:
+        kernels.set_enabled(True)
+    assert not torch.equal(native, pytorch)  # int8 vs bf16 activations: close, not equal
+    torch.testing.assert_close(native, pytorch, rtol=0, atol=2e-2 * pytorch.abs().max().item())
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kernels.set_enabled(False, "no_such_kernel")

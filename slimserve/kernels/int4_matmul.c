@@ -1,0 +1,212 @@
+/* y = x W^T with W in PyTorch's packed CPU int4 layout, read in place.
+
+   PyTorch's `_weight_int4pack_mm_for_cpu` expands every code to float and multiplies in float.
+   This kernel rounds the activation rows to int8 (symmetric, per block of 32 inputs, as
+   llama.cpp's Q8 activations) and multiplies 4-bit codes by 8-bit activations with integer
+   instructions (`vpmaddubsw`: 32 multiply-adds per instruction). A batch-1 matrix-vector product
+   then has arithmetic to spare while the weight bytes stream in, and larger batches run at about
+   1.4x PyTorch's kernel (docs/benchmarks.md). Each output row's arithmetic does not depend on the
+   other rows of x, so a sequence's result is the same whatever it is batched with.
+
+   Layouts (PyTorch's, see quant/int4.py):
+     packed  (N / 64, K', 32) bytes: in tile t, byte [k][j] holds the code of output row 64t + j
+             at input k in its low nibble and that of row 64t + 32 + j in its high nibble
+     sz      (K' / group, N, 2) bfloat16: per group of `group` inputs, each row's (scale, zero);
+             the weight is (code - 8) * scale + zero
+     x       (M, K) float32, rows `ldx` apart. When `doubled`, K' = 2K and the codes multiply
+             (x, x): an 8-bit weight stored as two 4-bit halves (quant/int4.py)
+     y       (M, n_out) float32, rows `ldy` apart; rows of W past n_out (padding) are skipped
+     bias    (n_out,) float32 or NULL
+
+   Sum over one group: sum_k ((q_k - 8) s + z) x_k = s (sum_k q_k x_k - 8 sum_k x_k) + z sum_k x_k,
+   so per block of 32 inputs only the integer dot sum_k q_k xq_k and sum_k xq_k are needed.
+   Returns 0, or -1 when the shape is outside what the kernel takes (the caller falls back).
+*/
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+#define TILE 64
+#define QB 32
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
+#ifndef SZ_AHEAD
+#define SZ_AHEAD 2
+#endif
+#ifndef ROWS_PER_PASS
+#define ROWS_PER_PASS 4
+#endif
+
+/* One block of 32 float inputs -> 32 int8 codes with scale d (x ~ d q); returns sum of codes. */
+static inline int32_t quantize_block(const float *x, int8_t *q, float *d_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float amax = _mm_cvtss_f32(h), d = amax / 127.f;
+    __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i c[4];
+    for (int i = 0; i < 4; i++) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    /* packs work within 128-bit lanes; the permute puts the 32 codes back in input order */
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)q, b);
+    *d_out = d;
+    return _mm_cvtsi128_si32(s4);
+}
+
+/* Codes of 64 output rows at inputs k and k + 1, as four vectors of 16 rows holding the byte pair
+   (q_k, q_k+1) per row: rows 0-7 and 16-23, 8-15 and 24-31, 32-39 and 48-55, 40-47 and 56-63. */
+static inline void unpack_pair(const uint8_t *w, __m256i p[4]) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    __m256i a = _mm256_loadu_si256((const __m256i *)w);
+    __m256i b = _mm256_loadu_si256((const __m256i *)(w + 32));
+    __m256i la = _mm256_and_si256(a, lo4), lb = _mm256_and_si256(b, lo4);
+    __m256i ha = _mm256_and_si256(_mm256_srli_epi16(a, 4), lo4);
+    __m256i hb = _mm256_and_si256(_mm256_srli_epi16(b, 4), lo4);
+    p[0] = _mm256_unpacklo_epi8(la, lb);
+    p[1] = _mm256_unpackhi_epi8(la, lb);
+    p[2] = _mm256_unpacklo_epi8(ha, hb);
+    p[3] = _mm256_unpackhi_epi8(ha, hb);
+}
+
+/* Adds the 16-bit per-row sums of four unpacked vectors to 32-bit sums of rows 8i..8i+7. */
+static inline void widen(const __m256i a[4], __m256i s[8]) {
+    for (int v = 0; v < 4; v++) {
+        int r = (v & 1) + 4 * (v >> 1); /* 8-row group of the vector's low lane; +2 for high */
+        s[r] = _mm256_add_epi32(s[r], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a[v])));
+        s[r + 2] =
+            _mm256_add_epi32(s[r + 2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a[v], 1)));
+    }
+}
+
+/* acc (64 rows) += block sums scaled: s_n d (S_n - 8 c) + z_n d c, with (s, z) bf16 pairs. */
+static inline void scale_block(const __m256i s[8], const uint16_t *szp, float d, int32_t c,
+                               __m256 acc[8]) {
+    const __m256i hi16 = _mm256_set1_epi32((int)0xffff0000u);
+    __m256i c8 = _mm256_set1_epi32(8 * c);
+    __m256 vd = _mm256_set1_ps(d), vdc = _mm256_set1_ps(d * (float)c);
+    for (int i = 0; i < 8; i++) {
+        __m256i pr = _mm256_loadu_si256((const __m256i *)(szp + 16 * i));
+        __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(pr, 16));
+        __m256 z = _mm256_castsi256_ps(_mm256_and_si256(pr, hi16));
+        __m256 sf = _mm256_cvtepi32_ps(_mm256_sub_epi32(s[i], c8));
+        acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(sc, vd), sf, acc[i]);
+        acc[i] = _mm256_fmadd_ps(z, vdc, acc[i]);
+    }
+}
+
+static inline void store_rows(const __m256 acc[8], float *y, int64_t n0, int64_t n_out,
+                              const float *bias) {
+    float tmp[TILE];
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(tmp + 8 * i, acc[i]);
+    int64_t n = n_out - n0 < TILE ? n_out - n0 : TILE;
+    for (int64_t j = 0; j < n; j++) y[n0 + j] = tmp[j] + (bias ? bias[n0 + j] : 0.f);
+}
+
+/* Rows m0 .. m0 + MR - 1 of x against one tile of 64 output rows, over all of K'. MR is a
+   compile-time constant at each call, so the 16-bit sums of each row stay in registers. */
+static inline __attribute__((always_inline)) void tile_rows(
+    const uint8_t *wt, const uint16_t *sz_t, int64_t n_pad, int64_t group, int64_t Kp,
+    const int8_t *xq, const float *xd, const int32_t *xs, const int MR, __m256 acc[][8]) {
+    int64_t nb = Kp / QB;
+    for (int m = 0; m < MR; m++)
+        for (int i = 0; i < 8; i++) acc[m][i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nb; j++) {
+        if (SZ_AHEAD && j + SZ_AHEAD < nb) { /* the scales are a strided stream: fetch ahead */
+            const char *next = (const char *)(sz_t + ((j + SZ_AHEAD) * QB / group) * n_pad * 2);
+            for (int l = 0; l < 4; l++) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+        }
+        __m256i s[MR][8];
+        for (int m = 0; m < MR; m++)
+            for (int i = 0; i < 8; i++) s[m][i] = _mm256_setzero_si256();
+        /* int16 sums of 8 pairs stay below 8 * 2 * 15 * 127 = 30480: widen twice a block */
+        for (int half = 0; half < 2; half++) {
+            __m256i a[MR][4];
+            for (int m = 0; m < MR; m++)
+                for (int v = 0; v < 4; v++) a[m][v] = _mm256_setzero_si256();
+            for (int pr = 0; pr < 8; pr++) {
+                int64_t k = j * QB + half * 16 + 2 * pr;
+                __m256i p[4];
+                if (PREFETCH) _mm_prefetch((const char *)(wt + k * (TILE / 2) + PREFETCH), _MM_HINT_T0);
+                unpack_pair(wt + k * (TILE / 2), p);
+                for (int m = 0; m < MR; m++) {
+                    int16_t xx;
+                    memcpy(&xx, xq + m * Kp + k, 2);
+                    __m256i X = _mm256_set1_epi16(xx);
+                    for (int v = 0; v < 4; v++)
+                        a[m][v] = _mm256_add_epi16(a[m][v], _mm256_maddubs_epi16(p[v], X));
+                }
+            }
+            for (int m = 0; m < MR; m++) widen(a[m], s[m]);
+        }
+        const uint16_t *szp = sz_t + (j * QB / group) * n_pad * 2;
+        for (int m = 0; m < MR; m++) scale_block(s[m], szp, xd[m * nb + j], xs[m * nb + j], acc[m]);
+    }
+}
+
+int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubled,
+                const uint8_t *packed, const uint16_t *sz, int64_t n_pad, int64_t group,
+                const float *bias, float *y, int64_t ldy, int64_t n_out, int64_t num_threads) {
+    int64_t Kp = doubled ? 2 * K : K;
+    if (M < 1 || K % QB || group % QB || Kp % group || n_pad % TILE) return -1;
+    int64_t nb = Kp / QB;
+    int8_t *xq = malloc((size_t)(M * Kp));
+    float *xd = malloc(sizeof(float) * (size_t)(M * nb));
+    int32_t *xs = malloc(sizeof(int32_t) * (size_t)(M * nb));
+    if (!xq || !xd || !xs) {
+        free(xq), free(xd), free(xs);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < nb; j++)
+            xs[m * nb + j] = quantize_block(x + m * ldx + (j * QB) % K, xq + m * Kp + j * QB,
+                                            xd + m * nb + j);
+
+    int64_t tiles = n_pad / TILE;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *wt = packed + t * Kp * (TILE / 2);
+        const uint16_t *sz_t = sz + t * TILE * 2;
+        for (int64_t m0 = 0; m0 < M;) {
+            __m256 acc[ROWS_PER_PASS][8];
+            int64_t mr = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
+            const int8_t *q = xq + m0 * Kp;
+            const float *d = xd + m0 * nb;
+            const int32_t *c = xs + m0 * nb;
+            switch (mr) {
+#define CASE(R) \
+    case R: tile_rows(wt, sz_t, n_pad, group, Kp, q, d, c, R, acc); break;
+            CASE(1) CASE(2) CASE(3) CASE(4)
+#undef CASE
+            }
+            for (int64_t m = 0; m < mr; m++)
+                store_rows(acc[m], y + (m0 + m) * ldy, t * TILE, n_out, bias);
+            m0 += mr;
+        }
+    }
+    free(xq), free(xd), free(xs);
+    return 0;
+}
+
+#else
+int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubled,
+                const uint8_t *packed, const uint16_t *sz, int64_t n_pad, int64_t group,
+                const float *bias, float *y, int64_t ldy, int64_t n_out, int64_t num_threads) {
+    return -1; /* no AVX2: the caller keeps PyTorch's kernel */
+}
+#endif
