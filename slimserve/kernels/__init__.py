@@ -47,11 +47,11 @@ def _cpu_tag() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build() -> Path:
+def _build(flags: list[str] = _FLAGS) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (cc or gcc)")
-    key = hashlib.sha256(" ".join(_FLAGS).encode() + _cpu_tag().encode())
+    key = hashlib.sha256(" ".join(flags).encode() + _cpu_tag().encode())
     for src in _SOURCES:
         key.update(src.name.encode() + src.read_bytes())
     out_dir = cache_dir_from_env() / "kernels"
@@ -64,7 +64,7 @@ def _build() -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"],
+            [compiler, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -86,10 +86,18 @@ def _load() -> ctypes.CDLL | None:
     if not native_kernels_from_env():
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = _bind(ctypes.CDLL(str(_build())))
     except (OSError, RuntimeError) as e:
         logger.warning("native kernels unavailable, using the PyTorch paths: %s", e)
         return None
+    _lib = lib
+    return _lib
+
+
+KERNELS = ("paged_decode_attention", "write_kv", "add_rms_norm", "int4_matmul")
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     fn = lib.paged_decode_attention
     fn.argtypes = [p] * 7 + [i64] * 8 + [ctypes.c_float, i64]
@@ -103,11 +111,13 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.int4_matmul
     fn.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p, p, i64, i64, i64]
     fn.restype = ctypes.c_int
-    _lib = lib
-    return _lib
+    return lib
 
 
-KERNELS = ("paged_decode_attention", "write_kv", "add_rms_norm", "int4_matmul")
+def load_variant(extra_flags: list[str]) -> ctypes.CDLL:
+    """A separate copy of the kernels built with extra compiler flags, e.g. `-mno-avx512vnni
+    -mno-avxvnni` to run the AVX2 code paths on a CPU that has more: for tests."""
+    return _bind(ctypes.CDLL(str(_build([*_FLAGS, *extra_flags]))))
 
 
 def set_enabled(enabled: bool, kernel: str | None = None) -> None:
@@ -256,6 +266,7 @@ def int4_matmul(
     doubled: bool,
     out_features: int,
     bias: torch.Tensor | None = None,
+    lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor | None:
     """x (M, K) float32 times a weight in PyTorch's packed int4 layout (quant/int4.py), with the
     activations rounded to int8 per block of 32 (+ bias): (M, out_features) float32, or None
@@ -265,7 +276,7 @@ def int4_matmul(
     if x.stride(1) != 1:
         x = x.contiguous()
     y = x.new_empty(M, out_features)
-    rc = _lib.int4_matmul(
+    rc = (lib or _lib).int4_matmul(
         x.data_ptr(),
         x.stride(0),
         M,

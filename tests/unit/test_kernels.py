@@ -168,6 +168,11 @@ def _int8_rows(x):
     return (torch.round(g * inv) * (amax / 127)).view_as(x)
 
 
+# The VNNI path where the CPU has it, and a copy built without VNNI for the AVX2 path.
+VARIANTS = {"native": [], "avx2": ["-mno-avx512vnni", "-mno-avxvnni"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
     "N,K,group,eight_bit,bias,M",
     [
@@ -177,16 +182,17 @@ def _int8_rows(x):
         (100, 256, 32, True, True, 2),  # 8-bit as doubled K; 100 rows padded to 128
     ],
 )
-def test_int4_matmul_matches_dequantized_weights(N, K, group, eight_bit, bias, M):
+def test_int4_matmul_matches_dequantized_weights(N, K, group, eight_bit, bias, M, variant):
     """The kernel computes x8 @ dequantize(W).T exactly up to float summation order, where x8 is
     x rounded to int8 per block of 32."""
     torch.manual_seed(0)
+    lib = kernels.load_variant(VARIANTS[variant]) if VARIANTS[variant] else None
     lin = _int4_linear(N, K, group, eight_bit, bias)
     wide = torch.randn(M, K + 64)
     x = wide[:, 16 : 16 + K]  # rows K + 64 apart: read in place
     x[0, :32] = 0  # an all-zero block has scale 0, not NaN
     y = kernels.int4_matmul(
-        x, lin.packed, lin.scales_zeros, lin.group, lin.doubled, lin.out_features, lin.bias
+        x, lin.packed, lin.scales_zeros, lin.group, lin.doubled, lin.out_features, lin.bias, lib
     )
     if y is None:
         pytest.skip("the int4 kernel needs AVX2")
