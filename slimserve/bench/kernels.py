@@ -1,8 +1,8 @@
 """`slimserve bench kernels`: each native kernel against the PyTorch path it replaces, in one run.
 
-Two views, both A/B in the same process with the order alternated, so machine noise hits both:
+Views, all A/B in the same process with the order alternated, so machine noise hits both:
 - the op alone: paged decode attention vs gather + SDPA for one layer, over batch sizes and
-  context lengths;
+  context lengths; the int4 x int8 matmul vs PyTorch's int4 kernel on the model's layer shapes;
 - end to end: greedy decode tok/s of the engine with the kernels on and off.
 """
 
@@ -76,6 +76,53 @@ def attention_op(shapes, kv_dtype: str, runs: int = 50, Hkv=3, G=3, D=64, bs=16)
     return rows
 
 
+# The default model's linears: (out, in) of qkv, o, gate/up, down and the Q8_0 LM head.
+INT4_SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+AVX2_ONLY = ["-mno-avx512vnni", "-mno-avxvnni"]
+
+
+def _pytorch_int4(lin, x):
+    kernels.set_enabled(False, "int4_matmul")
+    try:
+        return lin(x)
+    finally:
+        kernels.set_enabled(True)
+
+
+def int4_op(rows_list, runs: int = 40) -> list[dict]:
+    """The int4 x int8 kernel vs PyTorch's int4 kernel (bf16 activations) on the default model's
+    layer shapes, in equivalent GFLOP/s; with the kernels' AVX2 path as a third column where the
+    CPU has VNNI (the default build then uses it)."""
+    from slimserve.quant.int4 import Int4Linear, quantize_int4
+
+    avx2 = kernels.load_variant(AVX2_ONLY)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for name, (N, K) in INT4_SHAPES.items():
+        codes, scale, zero = quantize_int4(torch.randn(N, K, generator=g), 32)
+        lin = Int4Linear(codes, scale, zero, in_features=K, output_sizes=[N])
+        args = (lin.packed, lin.scales_zeros, lin.group, lin.doubled, N)
+        for M in rows_list:
+            x = torch.randn(M, K, generator=g)
+            n = max(1, runs * 8 // (M + 7))
+            native_us, pytorch_us = _alternate(
+                partial(kernels.int4_matmul, x, *args), partial(_pytorch_int4, lin, x), n
+            )
+            avx2_us = _best_us(partial(kernels.int4_matmul, x, *args, None, avx2), n)
+            gflop = 2 * M * N * K / 1e3  # per microsecond -> GFLOP/s
+            out.append(
+                {
+                    "layer": name,
+                    "rows": M,
+                    "native_gflops": gflop / native_us,
+                    "avx2_gflops": gflop / avx2_us,
+                    "pytorch_gflops": gflop / pytorch_us,
+                    "speedup": pytorch_us / native_us,
+                }
+            )
+    return out
+
+
 def end_to_end(llm, batches, decode_tokens: int, rounds: int) -> list[dict]:
     """Greedy decode tok/s with the kernels on and off, alternating, best of `rounds`."""
     from slimserve.sampling_params import SamplingParams
@@ -119,6 +166,13 @@ def run_kernels(args) -> None:
         print(
             f"  {r['batch']:>3} {r['context']:>6} {r['native_us']:8.0f} {r['pytorch_us']:8.0f}"
             f" {r['speedup']:6.2f}x"
+        )
+    result["int4_op"] = int4_op([1, 8, 32, 256])
+    print("int4 matmul (equivalent GFLOP/s): layer rows native avx2-path pytorch speedup")
+    for r in result["int4_op"]:
+        print(
+            f"  {r['layer']:>8} {r['rows']:>4} {r['native_gflops']:7.1f} {r['avx2_gflops']:7.1f}"
+            f" {r['pytorch_gflops']:7.1f} {r['speedup']:6.2f}x"
         )
     llm = make_llm(args, progress=False)
     result["end_to_end"] = end_to_end(llm, args.batch, args.decode_tokens, args.rounds)

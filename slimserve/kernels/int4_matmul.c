@@ -6,7 +6,8 @@
    instructions: `vpmaddubsw` (32 multiply-adds, then 16-bit sums widened every 16 inputs) with
    AVX2, or `vpdpbusd` (32 multiply-adds into 32-bit sums) where the CPU has VNNI. A batch-1
    matrix-vector product then has arithmetic to spare while the weight bytes stream in, and
-   batches of 8 and more run at 1.5x (AVX2) to 2.4x (VNNI) PyTorch's kernel (docs/benchmarks.md).
+   batches of 8 and more run at 1.2-1.4x (AVX2) and 1.6-1.9x (VNNI) PyTorch's kernel
+   (docs/benchmarks.md).
    Each output row's arithmetic does not depend on the other rows of x, so a sequence's result is
    the same whatever it is batched with.
 

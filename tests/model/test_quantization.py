@@ -111,13 +111,18 @@ def test_default_gguf_stays_compressed(native_llm, gguf_path):
     assert _weight_bytes(model) - rope <= 1.3 * os.path.getsize(gguf_path)
 
 
-def test_native_q4_1_tracks_fp32_argmax(llm, native_llm):
-    """Q4_1/Q8_0 blocks through the int4 kernel vs the same blocks dequantized to float32."""
+def test_native_q4_1_tracks_fp32_argmax(llm, native_llm, gguf_path):
+    """Q4_1/Q8_0 blocks through the int4 kernel vs the same blocks dequantized to float32, over
+    2,000 tokens. The weights alone (float32 KV, as the reference): >= 99% the same argmax. The
+    default engine also rounds its KV cache to bfloat16; on this repetitive text its near-ties
+    flip a few more (98.8% when measured), so its bound is 98.5%."""
     ids = llm.tokenizer.encode(LONG_TEXT * 8, add_special_tokens=False)[:2000]
-    ref = llm.engine.runner.prompt_logits(ids)
-    got = native_llm.engine.runner.prompt_logits(ids)
-    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    ref = llm.engine.runner.prompt_logits(ids).argmax(-1)
+    weights_only = LLM(gguf_path, kv_cache_memory="128MiB", kv_cache_dtype="float32")
+    agree = (weights_only.engine.runner.prompt_logits(ids).argmax(-1) == ref).float().mean()
     assert agree >= 0.99, agree
+    default = (native_llm.engine.runner.prompt_logits(ids).argmax(-1) == ref).float().mean()
+    assert default >= 0.985, default
 
 
 def test_native_greedy_answer(native_llm):

@@ -234,3 +234,14 @@ def test_int4_linear_uses_the_kernel_unless_turned_off():
     torch.testing.assert_close(native, pytorch, rtol=0, atol=2e-2 * pytorch.abs().max().item())
     with pytest.raises(ValueError, match="unknown kernel"):
         kernels.set_enabled(False, "no_such_kernel")
+
+
+def test_bench_kernels_int4_rows():
+    """`slimserve bench kernels` measures the int4 kernel, its AVX2 path and PyTorch's on each of
+    the default model's layer shapes."""
+    from slimserve.bench.kernels import INT4_SHAPES, int4_op
+
+    rows = int4_op([1], runs=1)
+    assert [r["layer"] for r in rows] == list(INT4_SHAPES)
+    for r in rows:
+        assert min(r["native_gflops"], r["avx2_gflops"], r["pytorch_gflops"]) > 0
