@@ -109,7 +109,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.argtypes = [p] * 5 + [i64, i64, ctypes.c_float, i64]
     fn.restype = None
     fn = lib.int4_matmul
-    fn.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p, p, i64, i64, i64]
+    fn.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p, p, i64, i64, i64, i64]
     fn.restype = ctypes.c_int
     return lib
 
@@ -267,11 +267,13 @@ def int4_matmul(
     out_features: int,
     bias: torch.Tensor | None = None,
     lib: ctypes.CDLL | None = None,
+    eight_bit: bool = False,
 ) -> torch.Tensor | None:
     """x (M, K) float32 times a weight in PyTorch's packed int4 layout (quant/int4.py), with the
     activations rounded to int8 per block of 32 (+ bias): (M, out_features) float32, or None
     when the kernel does not take it (no AVX2, K not a multiple of 32) and the caller should use
-    PyTorch's kernel."""
+    PyTorch's kernel. `eight_bit`: a doubled weight that is purely 8-bit (Int4Linear.eight_bit),
+    which the VNNI path reads as one byte per weight."""
     M, K = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -290,6 +292,7 @@ def int4_matmul(
         y.data_ptr(),
         y.stride(0),
         out_features,
+        int(eight_bit),
         torch.get_num_threads(),
     )
     return None if rc else y

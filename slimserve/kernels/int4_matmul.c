@@ -20,6 +20,9 @@
              (x, x): an 8-bit weight stored as two 4-bit halves (quant/int4.py)
      y       (M, n_out) float32, rows `ldy` apart; rows of W past n_out (padding) are skipped
      bias    (n_out,) float32 or NULL
+   `eight_bit` says a doubled W is pure 8-bit (every row's hi half has scale 16 d and zero 0, its
+   lo half scale d and zero 8 d: quant/int4.py `int8_as_int4`), which the VNNI path then reads
+   as one byte per weight.
 
    Sum over one group: sum_k ((q_k - 8) s + z) x_k = s (sum_k q_k x_k - 8 sum_k x_k) + z sum_k x_k,
    so per block of 32 inputs only the integer dot sum_k q_k xq_k and sum_k xq_k are needed.
@@ -210,15 +213,53 @@ static inline void rows_in_order(const __m256i u[8], __m256i s[8]) {
     }
 }
 
+/* 8-bit weights held as two 4-bit halves (quant/int4.py: q = 16 (hi - 8) + lo, hi at input k and
+   lo at K + k) are one byte again as u = 16 hi + lo = q + 128: the unsigned operand VNNI takes.
+   Same output order as unpack_quad, from the hi codes at `whi` and the lo codes at `wlo`. */
+static inline void unpack_quad8(const uint8_t *whi, const uint8_t *wlo, __m256i p[8]) {
+    const __m256i lo4 = _mm256_set1_epi8(0x0f), hi4 = _mm256_set1_epi8((char)0xf0);
+    for (int h = 0; h < 2; h++) {
+        __m256i r[4];
+        for (int i = 0; i < 4; i++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(whi + 32 * i));
+            __m256i b = _mm256_loadu_si256((const __m256i *)(wlo + 32 * i));
+            r[i] = h ? _mm256_or_si256(_mm256_and_si256(a, hi4),
+                                       _mm256_and_si256(_mm256_srli_epi16(b, 4), lo4))
+                     : _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(a, 4), hi4),
+                                       _mm256_and_si256(b, lo4));
+        }
+        __m256i ab_lo = _mm256_unpacklo_epi8(r[0], r[1]), ab_hi = _mm256_unpackhi_epi8(r[0], r[1]);
+        __m256i cd_lo = _mm256_unpacklo_epi8(r[2], r[3]), cd_hi = _mm256_unpackhi_epi8(r[2], r[3]);
+        p[4 * h + 0] = _mm256_unpacklo_epi16(ab_lo, cd_lo);
+        p[4 * h + 1] = _mm256_unpackhi_epi16(ab_lo, cd_lo);
+        p[4 * h + 2] = _mm256_unpacklo_epi16(ab_hi, cd_hi);
+        p[4 * h + 3] = _mm256_unpackhi_epi16(ab_hi, cd_hi);
+    }
+}
+
+/* acc += d_w d (U - 128 c): U = sum u xq, with d_w the lo half's scale (its zero is 8 d_w). */
+static inline void scale_block8(const __m256i s[8], const __m256 sc[8], float d, int32_t c,
+                                __m256 acc[8]) {
+    __m256i c128 = _mm256_set1_epi32(128 * c);
+    __m256 vd = _mm256_set1_ps(d);
+    for (int i = 0; i < 8; i++) {
+        __m256 sf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s[i], c128)), vd);
+        acc[i] = _mm256_fmadd_ps(sc[i], sf, acc[i]);
+    }
+}
+
+/* Kx inputs per activation row: K' for 4-bit codes, K for EIGHT (8-bit weights, as one byte). */
 static inline __attribute__((always_inline)) void tile_rows_vnni(
-    const uint8_t *wt, const uint16_t *sz_t, int64_t n_pad, int64_t group, int64_t Kp,
-    const int8_t *xq, const float *xd, const int32_t *xs, const int MR, __m256 acc[][8]) {
-    int64_t nb = Kp / QB;
+    const uint8_t *wt, const uint16_t *sz_t, int64_t n_pad, int64_t group, int64_t Kx,
+    const int8_t *xq, const float *xd, const int32_t *xs, const int MR, const int EIGHT,
+    __m256 acc[][8]) {
+    int64_t nb = Kx / QB, g0 = EIGHT ? Kx : 0; /* the scales read: the lo half's for EIGHT */
     UNROLL(4) for (int m = 0; m < MR; m++)
         UNROLL(8) for (int i = 0; i < 8; i++) acc[m][i] = _mm256_setzero_ps();
     for (int64_t j = 0; j < nb; j++) {
         if (SZ_AHEAD && j + SZ_AHEAD < nb) {
-            const char *next = (const char *)(sz_t + ((j + SZ_AHEAD) * QB / group) * n_pad * 2);
+            const char *next =
+                (const char *)(sz_t + ((g0 + (j + SZ_AHEAD) * QB) / group) * n_pad * 2);
             for (int l = 0; l < 4; l++) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
         }
         __m256i u[MR][8];
@@ -228,40 +269,54 @@ static inline __attribute__((always_inline)) void tile_rows_vnni(
             int64_t k = j * QB + 4 * qd;
             if (PREFETCH) _mm_prefetch((const char *)(wt + k * (TILE / 2) + PREFETCH), _MM_HINT_T0);
             __m256i p[8];
-            unpack_quad(wt + k * (TILE / 2), p);
+            if (EIGHT)
+                unpack_quad8(wt + k * (TILE / 2), wt + (Kx + k) * (TILE / 2), p);
+            else
+                unpack_quad(wt + k * (TILE / 2), p);
             UNROLL(4) for (int m = 0; m < MR; m++) {
                 int32_t xx;
-                memcpy(&xx, xq + m * Kp + k, 4);
+                memcpy(&xx, xq + m * Kx + k, 4);
                 __m256i X = _mm256_set1_epi32(xx);
                 UNROLL(8) for (int v = 0; v < 8; v++) u[m][v] = DPBUSD(u[m][v], p[v], X);
             }
         }
         __m256 sc[8], z[8];
-        load_scales(sz_t + (j * QB / group) * n_pad * 2, sc, z);
+        load_scales(sz_t + ((g0 + j * QB) / group) * n_pad * 2, sc, z);
         UNROLL(4) for (int m = 0; m < MR; m++) {
             __m256i s[8];
             rows_in_order(u[m], s);
-            scale_block(s, sc, z, xd[m * nb + j], xs[m * nb + j], acc[m]);
+            if (EIGHT)
+                scale_block8(s, sc, xd[m * nb + j], xs[m * nb + j], acc[m]);
+            else
+                scale_block(s, sc, z, xd[m * nb + j], xs[m * nb + j], acc[m]);
         }
     }
 }
-#define TILE_ROWS tile_rows_vnni
+#define HAVE_EIGHT_BIT 1
+#define TILE_ROWS(wt, sz_t, n_pad, group, Kx, q, d, c, R, E, acc) \
+    tile_rows_vnni(wt, sz_t, n_pad, group, Kx, q, d, c, R, E, acc)
 #ifndef VNNI_ROWS_PER_PASS
 #define VNNI_ROWS_PER_PASS 2
 #endif
 #undef ROWS_PER_PASS
 #define ROWS_PER_PASS VNNI_ROWS_PER_PASS
 #else
-#define TILE_ROWS tile_rows
+#define HAVE_EIGHT_BIT 0
+#define TILE_ROWS(wt, sz_t, n_pad, group, Kx, q, d, c, R, E, acc) \
+    tile_rows(wt, sz_t, n_pad, group, Kx, q, d, c, R, acc)
 #endif
 
 int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubled,
                 const uint8_t *packed, const uint16_t *sz, int64_t n_pad, int64_t group,
-                const float *bias, float *y, int64_t ldy, int64_t n_out, int64_t num_threads) {
+                const float *bias, float *y, int64_t ldy, int64_t n_out, int64_t eight_bit,
+                int64_t num_threads) {
     int64_t Kp = doubled ? 2 * K : K;
     if (M < 1 || K % QB || group % QB || Kp % group || n_pad % TILE) return -1;
-    int64_t nb = Kp / QB;
-    int8_t *xq = malloc((size_t)(M * Kp));
+    /* 8-bit weights (every row's halves are 16 d and (d, 8 d)) go as one byte per weight where
+       VNNI is there: half the multiply-adds of the two 4-bit halves. */
+    const int eight = eight_bit && doubled && HAVE_EIGHT_BIT;
+    int64_t Kx = eight ? K : Kp, nb = Kx / QB;
+    int8_t *xq = malloc((size_t)(M * Kx));
     float *xd = malloc(sizeof(float) * (size_t)(M * nb));
     int32_t *xs = malloc(sizeof(int32_t) * (size_t)(M * nb));
     if (!xq || !xd || !xs) {
@@ -270,7 +325,7 @@ int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubl
     }
     for (int64_t m = 0; m < M; m++)
         for (int64_t j = 0; j < nb; j++)
-            xs[m * nb + j] = quantize_block(x + m * ldx + (j * QB) % K, xq + m * Kp + j * QB,
+            xs[m * nb + j] = quantize_block(x + m * ldx + (j * QB) % K, xq + m * Kx + j * QB,
                                             xd + m * nb + j);
 
     int64_t tiles = n_pad / TILE;
@@ -281,12 +336,13 @@ int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubl
         for (int64_t m0 = 0; m0 < M;) {
             __m256 acc[ROWS_PER_PASS][8];
             int64_t mr = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
-            const int8_t *q = xq + m0 * Kp;
+            const int8_t *q = xq + m0 * Kx;
             const float *d = xd + m0 * nb;
             const int32_t *c = xs + m0 * nb;
-            switch (mr) {
-#define CASE(R) \
-    case R: TILE_ROWS(wt, sz_t, n_pad, group, Kp, q, d, c, R, acc); break;
+            switch (mr * 2 + eight) {
+#define CASE(R)                                                                  \
+    case 2 * R: TILE_ROWS(wt, sz_t, n_pad, group, Kx, q, d, c, R, 0, acc); break; \
+    case 2 * R + 1: TILE_ROWS(wt, sz_t, n_pad, group, Kx, q, d, c, R, 1, acc); break;
             CASE(1)
 #if ROWS_PER_PASS >= 2
             CASE(2)
@@ -314,7 +370,8 @@ int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubl
 #else
 int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubled,
                 const uint8_t *packed, const uint16_t *sz, int64_t n_pad, int64_t group,
-                const float *bias, float *y, int64_t ldy, int64_t n_out, int64_t num_threads) {
+                const float *bias, float *y, int64_t ldy, int64_t n_out, int64_t eight_bit,
+                int64_t num_threads) {
     return -1; /* no AVX2: the caller keeps PyTorch's kernel */
 }
 #endif

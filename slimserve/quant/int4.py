@@ -32,6 +32,18 @@ def int8_as_int4(q: torch.Tensor, d: torch.Tensor):
     return codes, torch.cat((16 * d, d), dim=1), torch.cat((torch.zeros_like(d), 8 * d), dim=1)
 
 
+def _pure_8bit(sz: torch.Tensor) -> bool:
+    """Whether a doubled (K'/g, N, 2) (scale, zero) table holds only `int8_as_int4` rows: hi
+    groups (16 d, 0) and lo groups (d, 8 d). Then q + 128 = 16 hi + lo is one unsigned byte per
+    weight, and the native kernel can multiply it as such (exact in bfloat16: powers of two)."""
+    hi, lo = sz.float().chunk(2, dim=0)
+    return bool(
+        torch.equal(hi[..., 0], 16 * lo[..., 0])
+        and not hi[..., 1].any()
+        and torch.equal(lo[..., 1], 8 * lo[..., 0])
+    )
+
+
 def int4_as_doubled(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
     """A 4-bit weight in the doubled-K form (its high half is zero), to share a matrix with 8-bit
     shards."""
@@ -80,6 +92,7 @@ class Int4Linear(nn.Module):
         sz = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()  # (K'/g, N, 2)
         self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
         self.bias = bias
+        self.eight_bit = self.doubled and _pure_8bit(self.scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu" and kernels.available("int4_matmul"):
@@ -91,6 +104,7 @@ class Int4Linear(nn.Module):
                 self.doubled,
                 self.out_features,
                 self.bias,
+                eight_bit=self.eight_bit,
             )
             if y is not None:
                 return y

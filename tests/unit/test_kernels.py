@@ -149,10 +149,24 @@ def test_decode_kernel_limits_match_the_c_buffers():
 
 
 def _int4_linear(N, K, group, eight_bit, bias=False):
-    from slimserve.quant.int4 import Int4Linear, int8_as_int4, quantize_int4, quantize_int8
+    """eight_bit: False (4-bit), True (8-bit as two 4-bit halves) or "mixed" (a 4-bit shard and
+    an 8-bit one in one doubled matrix, as q/k/v of different GGUF types)."""
+    from slimserve.quant.int4 import (
+        Int4Linear,
+        int4_as_doubled,
+        int8_as_int4,
+        quantize_int4,
+        quantize_int8,
+    )
 
     w = torch.randn(N, K)
-    if eight_bit:
+    if eight_bit == "mixed":
+        parts = [
+            int4_as_doubled(*quantize_int4(w[: N // 2], group)),
+            int8_as_int4(*quantize_int8(w[N // 2 :])),
+        ]
+        codes, scale, zero = (torch.cat(t) for t in zip(*parts))
+    elif eight_bit:
         codes, scale, zero = int8_as_int4(*quantize_int8(w))
     else:
         codes, scale, zero = quantize_int4(w, group)
@@ -180,6 +194,8 @@ VARIANTS = {"native": [], "avx2": ["-mno-avx512vnni", "-mno-avxvnni"]}
         (192, 576, 32, False, True, 3),
         (128, 512, 128, False, False, 17),  # passes of 4 rows and a remainder; groups of 128
         (100, 256, 32, True, True, 2),  # 8-bit as doubled K; 100 rows padded to 128
+        (192, 256, 32, True, False, 5),  # 8-bit, read as one byte per weight with VNNI
+        (192, 256, 32, "mixed", False, 3),  # 4- and 8-bit shards: two 4-bit halves
     ],
 )
 def test_int4_matmul_matches_dequantized_weights(N, K, group, eight_bit, bias, M, variant):
@@ -191,8 +207,17 @@ def test_int4_matmul_matches_dequantized_weights(N, K, group, eight_bit, bias, M
     wide = torch.randn(M, K + 64)
     x = wide[:, 16 : 16 + K]  # rows K + 64 apart: read in place
     x[0, :32] = 0  # an all-zero block has scale 0, not NaN
+    assert lin.eight_bit == (eight_bit is True)
     y = kernels.int4_matmul(
-        x, lin.packed, lin.scales_zeros, lin.group, lin.doubled, lin.out_features, lin.bias, lib
+        x,
+        lin.packed,
+        lin.scales_zeros,
+        lin.group,
+        lin.doubled,
+        lin.out_features,
+        lin.bias,
+        lib,
+        eight_bit=lin.eight_bit,
     )
     if y is None:
         pytest.skip("the int4 kernel needs AVX2")
