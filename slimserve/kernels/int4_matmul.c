@@ -185,6 +185,16 @@ static inline __attribute__((always_inline)) void tile_rows(
 /* With VNNI one instruction adds four byte products to each 32-bit lane: no 16-bit sums to widen.
    Codes of 64 rows at inputs k .. k + 3, as eight vectors of 8 rows holding 4 bytes per row:
    rows 0-3 and 16-19, 4-7 and 20-23, 8-11 and 24-27, 12-15 and 28-31, then the same + 32. */
+static inline void interleave4(const __m256i r[4], __m256i p[4]) {
+    /* 32 rows' bytes at inputs k .. k + 3 (one vector per input) -> 4 bytes per row */
+    __m256i ab_lo = _mm256_unpacklo_epi8(r[0], r[1]), ab_hi = _mm256_unpackhi_epi8(r[0], r[1]);
+    __m256i cd_lo = _mm256_unpacklo_epi8(r[2], r[3]), cd_hi = _mm256_unpackhi_epi8(r[2], r[3]);
+    p[0] = _mm256_unpacklo_epi16(ab_lo, cd_lo);
+    p[1] = _mm256_unpackhi_epi16(ab_lo, cd_lo);
+    p[2] = _mm256_unpacklo_epi16(ab_hi, cd_hi);
+    p[3] = _mm256_unpackhi_epi16(ab_hi, cd_hi);
+}
+
 static inline void unpack_quad(const uint8_t *w, __m256i p[8]) {
     const __m256i lo4 = _mm256_set1_epi8(0x0f);
     for (int h = 0; h < 2; h++) { /* low nibbles (rows 0-31), then high ones (rows 32-63) */
@@ -193,12 +203,7 @@ static inline void unpack_quad(const uint8_t *w, __m256i p[8]) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * i));
             r[i] = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, lo4);
         }
-        __m256i ab_lo = _mm256_unpacklo_epi8(r[0], r[1]), ab_hi = _mm256_unpackhi_epi8(r[0], r[1]);
-        __m256i cd_lo = _mm256_unpacklo_epi8(r[2], r[3]), cd_hi = _mm256_unpackhi_epi8(r[2], r[3]);
-        p[4 * h + 0] = _mm256_unpacklo_epi16(ab_lo, cd_lo);
-        p[4 * h + 1] = _mm256_unpackhi_epi16(ab_lo, cd_lo);
-        p[4 * h + 2] = _mm256_unpacklo_epi16(ab_hi, cd_hi);
-        p[4 * h + 3] = _mm256_unpackhi_epi16(ab_hi, cd_hi);
+        interleave4(r, p + 4 * h);
     }
 }
 
@@ -228,12 +233,7 @@ static inline void unpack_quad8(const uint8_t *whi, const uint8_t *wlo, __m256i 
                      : _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(a, 4), hi4),
                                        _mm256_and_si256(b, lo4));
         }
-        __m256i ab_lo = _mm256_unpacklo_epi8(r[0], r[1]), ab_hi = _mm256_unpackhi_epi8(r[0], r[1]);
-        __m256i cd_lo = _mm256_unpacklo_epi8(r[2], r[3]), cd_hi = _mm256_unpackhi_epi8(r[2], r[3]);
-        p[4 * h + 0] = _mm256_unpacklo_epi16(ab_lo, cd_lo);
-        p[4 * h + 1] = _mm256_unpackhi_epi16(ab_lo, cd_lo);
-        p[4 * h + 2] = _mm256_unpacklo_epi16(ab_hi, cd_hi);
-        p[4 * h + 3] = _mm256_unpackhi_epi16(ab_hi, cd_hi);
+        interleave4(r, p + 4 * h);
     }
 }
 
