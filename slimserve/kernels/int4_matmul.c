@@ -41,7 +41,9 @@
    where every add waited on a store (1.1x with AVX2, 1.4x with VNNI). */
 #define UNROLL(n) _Pragma(UNROLL_STR(GCC unroll n))
 #define UNROLL_STR(x) #x
-#define QB 32
+#define QB 32 /* activations are rounded to int8 per block of this many inputs */
+/* Tuning knobs (-D to try others): how far ahead to prefetch weight bytes, and (scale, zero) rows,
+   a strided stream, in blocks; how many activation rows share one pass over a tile's codes. */
 #ifndef PREFETCH
 #define PREFETCH 1024
 #endif
