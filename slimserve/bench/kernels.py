@@ -76,7 +76,7 @@ def attention_op(shapes, kv_dtype: str, runs: int = 50, Hkv=3, G=3, D=64, bs=16)
     return rows
 
 
-# The default model's linears: (out, in) of qkv, o, gate/up, down and the Q8_0 LM head.
+# The default model's layer linears, (out, in): qkv, o, gate/up and down.
 INT4_SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 AVX2_ONLY = ["-mno-avx512vnni", "-mno-avxvnni"]
 
@@ -86,7 +86,7 @@ def _pytorch_int4(lin, x):
     try:
         return lin(x)
     finally:
-        kernels.set_enabled(True)
+        kernels.set_enabled(True, "int4_matmul")
 
 
 def int4_op(rows_list, runs: int = 40) -> list[dict]:
