@@ -11,6 +11,7 @@ import torch
 
 from slimserve import kernels
 from slimserve.config import CacheConfig, ModelConfig
+from slimserve.engine.decode_step import NativeDecodeStep
 from slimserve.engine.forward_context import AttentionGroup, ForwardContext, forward_context
 from slimserve.engine.request import Request
 from slimserve.engine.sampler import Sampler, SamplerOutput
@@ -73,6 +74,7 @@ class ModelRunner:
         self.sampler = Sampler()
         group = model_config.num_heads // model_config.num_kv_heads
         self.native_decode_shape = kernels.decode_attention_supports(group, model_config.head_dim)
+        self.native_step = NativeDecodeStep.build(model, model_config, self.kv_cache)
 
     @property
     def capacity_tokens(self) -> int:
@@ -85,7 +87,10 @@ class ModelRunner:
         """Run one step; returns the requests that sample a token now and their samples."""
         ctx, input_ids, positions, sample_reqs = self._prepare(scheduled)
         with forward_context(ctx):
-            hidden = self.model(input_ids, positions)
+            if self.native_step is not None and self.native_step.takes(ctx):
+                hidden = self.native_step(input_ids, positions, ctx)
+            else:
+                hidden = self.model(input_ids, positions)
             if not sample_reqs:
                 return [], None
             logits = self.model.compute_logits(hidden)

@@ -28,6 +28,7 @@ from slimserve.config import cache_dir_from_env, native_kernels_from_env
 logger = logging.getLogger("slimserve")
 
 _SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # built together into one library
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 
 _lib: ctypes.CDLL | None = None
@@ -52,7 +53,7 @@ def _build(flags: list[str] = _FLAGS) -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler found (cc or gcc)")
     key = hashlib.sha256(" ".join(flags).encode() + _cpu_tag().encode())
-    for src in _SOURCES:
+    for src in _SOURCES + _HEADERS:
         key.update(src.name.encode() + src.read_bytes())
     out_dir = cache_dir_from_env() / "kernels"
     target = out_dir / f"slimserve-kernels-{key.hexdigest()[:16]}.so"
@@ -94,7 +95,15 @@ def _load() -> ctypes.CDLL | None:
     return _lib
 
 
-KERNELS = ("paged_decode_attention", "write_kv", "add_rms_norm", "int4_matmul")
+KERNELS = (
+    "paged_decode_attention",
+    "write_kv",
+    "add_rms_norm",
+    "int4_matmul",
+    "rope",
+    "silu_mul",
+    "decode_step",
+)
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -110,6 +119,18 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = None
     fn = lib.int4_matmul
     fn.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p, p, i64, i64, i64, i64]
+    fn.restype = ctypes.c_int
+    fn = lib.rope
+    fn.argtypes = [p] + [i64] * 4 + [p, p, p, i64]
+    fn.restype = None
+    fn = lib.silu_mul
+    fn.argtypes = [p, i64, i64, i64, p, i64]
+    fn.restype = None
+    fn = lib.decode_scratch_bytes
+    fn.argtypes = [p, p, i64, i64]
+    fn.restype = i64
+    fn = lib.decode_layers
+    fn.argtypes = [p, p, i64, p, p, i64]
     fn.restype = ctypes.c_int
     return lib
 
@@ -137,6 +158,11 @@ def set_enabled(enabled: bool, kernel: str | None = None) -> None:
 
 # Cache row formats the kernels read and write (layers/attention.py describes them).
 _ROW_KINDS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2}
+
+
+def row_kind(dtype: torch.dtype) -> int:
+    """The kernels' code for a KV cache of `dtype`."""
+    return _ROW_KINDS[dtype]
 
 
 def available(kernel: str | None = None) -> bool:
@@ -184,7 +210,7 @@ def write_kv(
         Hkv,
         D,
         k_cache.shape[1],
-        _ROW_KINDS[k_cache.dtype],
+        row_kind(k_cache.dtype),
         torch.get_num_threads(),
     )
 
@@ -209,6 +235,35 @@ def add_rms_norm(
         torch.get_num_threads(),
     )
     return y, h
+
+
+def rope_(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Rotate x (T, heads, D) float32 in place by its token's position (rotate_half layout), from
+    (max_position, D) float32 tables; x's heads must be contiguous, its rows may be strided (a
+    view of qkv). Returns x."""
+    T, heads, D = x.shape
+    _lib.rope(
+        x.data_ptr(),
+        x.stride(0),
+        T,
+        heads,
+        D,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        positions.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return x
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :I]) * x[:, I:] for float32 x (T, 2 I) with unit column stride."""
+    T, I2 = x.shape
+    y = x.new_empty(T, I2 // 2)
+    _lib.silu_mul(x.data_ptr(), x.stride(0), T, I2 // 2, y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def paged_decode_attention(
@@ -296,3 +351,25 @@ def int4_matmul(
         torch.get_num_threads(),
     )
     return None if rc else y
+
+
+def decode_scratch_bytes(model: ctypes.Structure, layers: ctypes.Array, M: int) -> int:
+    """Scratch bytes decode_layers needs for M sequences, or -1 when it does not take the model
+    (engine/decode_step.py builds the structures)."""
+    return _lib.decode_scratch_bytes(ctypes.byref(model), layers, len(layers), M)
+
+
+def decode_layers(
+    model: ctypes.Structure, layers: ctypes.Array, batch: ctypes.Structure, scratch: torch.Tensor
+) -> None:
+    """Every layer and the final norm of one decode step, in place on batch.x."""
+    rc = _lib.decode_layers(
+        ctypes.byref(model),
+        layers,
+        len(layers),
+        ctypes.byref(batch),
+        scratch.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise ValueError("decode_layers: a shape outside what the native step takes")

@@ -33,8 +33,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#include "kernels.h"
+
+#ifdef HAVE_AVX2
 
 #define TILE 64
 /* Full unrolling lets the compiler keep the per-row sums in registers instead of on the stack,
@@ -308,39 +309,45 @@ static inline __attribute__((always_inline)) void tile_rows_vnni(
     tile_rows(wt, sz_t, n_pad, group, Kx, q, d, c, R, acc)
 #endif
 
-int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubled,
-                const uint8_t *packed, const uint16_t *sz, int64_t n_pad, int64_t group,
-                const float *bias, float *y, int64_t ldy, int64_t n_out, int64_t eight_bit,
-                int64_t num_threads) {
-    int64_t Kp = doubled ? 2 * K : K;
-    if (M < 1 || K % QB || group % QB || Kp % group || n_pad % TILE) return -1;
-    /* 8-bit weights (every row's halves are 16 d and (d, 8 d)) go as one byte per weight where
-       VNNI is there: half the multiply-adds of the two 4-bit halves. */
-    const int eight = eight_bit && doubled && HAVE_EIGHT_BIT;
-    int64_t Kx = eight ? K : Kp, nb = Kx / QB;
-    int8_t *xq = malloc((size_t)(M * Kx));
-    float *xd = malloc(sizeof(float) * (size_t)(M * nb));
-    int32_t *xs = malloc(sizeof(int32_t) * (size_t)(M * nb));
-    if (!xq || !xd || !xs) {
-        free(xq), free(xd), free(xs);
-        return -1;
-    }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t j = 0; j < nb; j++)
-            xs[m * nb + j] = quantize_block(x + m * ldx + (j * QB) % K, xq + m * Kx + j * QB,
-                                            xd + m * nb + j);
+/* 8-bit weights (every row's halves are 16 d and (d, 8 d)) go as one byte per weight where VNNI
+   is there: half the multiply-adds of the two 4-bit halves. */
+static inline int reads_eight_bit(const Int4Weight *w) {
+    return w->eight_bit && w->doubled && HAVE_EIGHT_BIT;
+}
 
-    int64_t tiles = n_pad / TILE;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+int int4_supported(const Int4Weight *w) {
+    int64_t Kp = w->doubled ? 2 * w->K : w->K;
+    return w->K % QB || w->group % QB || Kp % w->group || w->n_pad % TILE ? -1 : 0;
+}
+
+int64_t int4_inputs(const Int4Weight *w) {
+    return w->doubled && !reads_eight_bit(w) ? 2 * w->K : w->K;
+}
+
+void int4_quantize_part(const Int4Weight *w, const float *x, int64_t ldx, int64_t M,
+                        const QuantRows *a) {
+    int64_t Kx = int4_inputs(w), nb = Kx / QB;
+#pragma omp for
+    for (int64_t i = 0; i < M * nb; i++) {
+        int64_t m = i / nb, j = i % nb;
+        a->s[i] = quantize_block(x + m * ldx + (j * QB) % w->K, a->q + m * Kx + j * QB, a->d + i);
+    }
+}
+
+void int4_tiles_part(const Int4Weight *w, int64_t M, const QuantRows *a, float *y, int64_t ldy) {
+    const int eight = reads_eight_bit(w);
+    int64_t Kp = w->doubled ? 2 * w->K : w->K, Kx = int4_inputs(w), nb = Kx / QB;
+    int64_t n_pad = w->n_pad, group = w->group, tiles = n_pad / TILE;
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
-        const uint8_t *wt = packed + t * Kp * (TILE / 2);
-        const uint16_t *sz_t = sz + t * TILE * 2;
+        const uint8_t *wt = w->packed + t * Kp * (TILE / 2);
+        const uint16_t *sz_t = w->sz + t * TILE * 2;
         for (int64_t m0 = 0; m0 < M;) {
             __m256 acc[ROWS_PER_PASS][8];
             int64_t mr = M - m0 < ROWS_PER_PASS ? M - m0 : ROWS_PER_PASS;
-            const int8_t *q = xq + m0 * Kx;
-            const float *d = xd + m0 * nb;
-            const int32_t *c = xs + m0 * nb;
+            const int8_t *q = a->q + m0 * Kx;
+            const float *d = a->d + m0 * nb;
+            const int32_t *c = a->s + m0 * nb;
             switch (mr * 2 + eight) {
 #define CASE(R)                                                                  \
     case 2 * R: TILE_ROWS(wt, sz_t, n_pad, group, Kx, q, d, c, R, 0, acc); break; \
@@ -361,19 +368,37 @@ int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubl
 #undef CASE
             }
             for (int64_t m = 0; m < mr; m++)
-                store_rows(acc[m], y + (m0 + m) * ldy, t * TILE, n_out, bias);
+                store_rows(acc[m], y + (m0 + m) * ldy, t * TILE, w->n_out, w->bias);
             m0 += mr;
         }
     }
-    free(xq), free(xd), free(xs);
-    return 0;
 }
 
-#else
+#else /* no AVX2: int4_supported says no, and the callers keep PyTorch's kernel */
+int int4_supported(const Int4Weight *w) { return -1; }
+int64_t int4_inputs(const Int4Weight *w) { return w->K; }
+void int4_quantize_part(const Int4Weight *w, const float *x, int64_t ldx, int64_t M,
+                        const QuantRows *a) {}
+void int4_tiles_part(const Int4Weight *w, int64_t M, const QuantRows *a, float *y, int64_t ldy) {}
+#endif
+
 int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubled,
                 const uint8_t *packed, const uint16_t *sz, int64_t n_pad, int64_t group,
                 const float *bias, float *y, int64_t ldy, int64_t n_out, int64_t eight_bit,
                 int64_t num_threads) {
-    return -1; /* no AVX2: the caller keeps PyTorch's kernel */
+    Int4Weight w = {packed, sz, bias, K, doubled, n_pad, group, n_out, eight_bit};
+    if (M < 1 || int4_supported(&w)) return -1;
+    int64_t Kx = int4_inputs(&w), nb = Kx / 32;
+    QuantRows a = {malloc((size_t)(M * Kx)), malloc(sizeof(float) * (size_t)(M * nb)),
+                   malloc(sizeof(int32_t) * (size_t)(M * nb))};
+    int rc = a.q && a.d && a.s ? 0 : -1;
+    if (!rc) {
+#pragma omp parallel num_threads(num_threads)
+        {
+            int4_quantize_part(&w, x, ldx, M, &a);
+            int4_tiles_part(&w, M, &a, y, ldy);
+        }
+    }
+    free(a.q), free(a.d), free(a.s);
+    return rc;
 }
-#endif

@@ -24,16 +24,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define HAVE_AVX2 1
-#endif
+#include "kernels.h"
 
 #define MAX_G 32
 #define MAX_D 256
 #define CHUNK 32
-
-enum { F32 = 0, I8 = 1, BF16 = 2 };
 
 static inline int64_t row_bytes_of(int kind, int64_t D) {
     return kind == I8 ? D + 4 : kind == BF16 ? 2 * D : 4 * D;
@@ -119,29 +114,9 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(x);
 }
 
-/* exp for x <= 0 (softmax weights): 2^k * e^r, r in [-ln2/2, ln2/2], degree-7 Taylor for e^r
-   (relative error ~1e-8 before rounding); inputs below -87 give ~1e-38 instead of 0. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-    __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187045e-06f), r);
-    __m256 y = _mm256_set1_ps(1.f / 5040);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 720));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 120));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 24));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 6));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 static void exp_inplace_avx2(float *x, int n) {
     int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_loadu_ps(x + i)));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp8_nonpositive(_mm256_loadu_ps(x + i)));
     for (; i < n; i++) x[i] = expf(x[i]);
 }
 
@@ -264,32 +239,42 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
     }
 }
 
+void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_t B, int64_t Hkv,
+                          int64_t G, int64_t D, float scale, float *out, int64_t ldo, float *lse) {
+    const int64_t row_bytes = row_bytes_of((int)kv->kind, D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < B * Hkv; w++) {
+        int64_t b = w / Hkv, h = w % Hkv;
+        one_head(q + b * ldq + h * G * D, kv->k + h * kv->slots * row_bytes,
+                 kv->v + h * kv->slots * row_bytes, kv->tables + b * kv->max_blocks, kv->lens[b],
+                 (int)kv->block_size, (int)G, (int)D, (int)kv->kind, scale,
+                 out + b * ldo + h * G * D, lse ? lse + w * G : NULL);
+    }
+}
+
+int paged_attention_supports(int64_t G, int64_t D) { return G <= MAX_G && D <= MAX_D; }
+
 /* Returns 0, or -1 when G or D exceed what the kernel's stack buffers hold. */
 int paged_decode_attention(const float *q, const char *k_cache, const char *v_cache,
                            const int64_t *tables, const int64_t *lens, float *out, float *lse,
                            int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t slots,
                            int64_t max_blocks, int64_t block_size, int64_t kind,
                            float scale, int64_t num_threads) {
-    if (G > MAX_G || D > MAX_D) return -1;
-    const int64_t row_bytes = row_bytes_of((int)kind, D);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t w = 0; w < B * Hkv; w++) {
-        int64_t b = w / Hkv, h = w % Hkv;
-        one_head(q + w * G * D, k_cache + h * slots * row_bytes, v_cache + h * slots * row_bytes,
-                 tables + b * max_blocks, lens[b], (int)block_size, (int)G, (int)D,
-                 (int)kind, scale, out + w * G * D, lse ? lse + w * G : NULL);
-    }
+    if (!paged_attention_supports(G, D)) return -1;
+    PagedKV kv = {k_cache, v_cache, slots, kind, block_size, tables, lens, max_blocks};
+#pragma omp parallel num_threads(num_threads)
+    paged_attention_part(q, Hkv * G * D, &kv, B, Hkv, G, D, scale, out, Hkv * G * D, lse);
     return 0;
 }
 
 /* Writes new keys and values to their cache slots in the cache's row format: k/v rows of token t
    start at k + t * k_stride (heads contiguous, D apart); int8 rows get the per-row symmetric
    scale max|x| / 127 (at least 1e-8 / 127) and codes rounded half to even, as PyTorch rounds. */
-void write_kv(const float *k, const float *v, int64_t k_stride, int64_t v_stride, char *k_cache,
-              char *v_cache, const int64_t *slot_mapping, int64_t T, int64_t Hkv, int64_t D,
-              int64_t slots, int64_t kind, int64_t num_threads) {
+void write_kv_part(const float *k, const float *v, int64_t k_stride, int64_t v_stride,
+                   char *k_cache, char *v_cache, const int64_t *slot_mapping, int64_t T,
+                   int64_t Hkv, int64_t D, int64_t slots, int64_t kind) {
     const int64_t rb = row_bytes_of((int)kind, D);
-#pragma omp parallel for num_threads(num_threads) if (T >= 64)
+#pragma omp for
     for (int64_t t = 0; t < T; t++) {
         for (int64_t h = 0; h < Hkv; h++) {
             for (int which = 0; which < 2; which++) {
@@ -310,4 +295,12 @@ void write_kv(const float *k, const float *v, int64_t k_stride, int64_t v_stride
             }
         }
     }
+}
+
+void write_kv(const float *k, const float *v, int64_t k_stride, int64_t v_stride, char *k_cache,
+              char *v_cache, const int64_t *slot_mapping, int64_t T, int64_t Hkv, int64_t D,
+              int64_t slots, int64_t kind, int64_t num_threads) {
+#pragma omp parallel num_threads(num_threads) if (T >= 64)
+    write_kv_part(k, v, k_stride, v_stride, k_cache, v_cache, slot_mapping, T, Hkv, D, slots,
+                  kind);
 }

@@ -5,6 +5,8 @@ import math
 import torch
 from torch import nn
 
+from slimserve import kernels
+
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     # Llama 3.1 long-context scaling: long wavelengths slowed by `factor`, short ones kept,
@@ -43,15 +45,28 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
 
-    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (T, 1, D), for the step's positions."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def table(self, positions: torch.Tensor):
+        """(cos, sin, positions) for the step: cos and sin (T, 1, D) rows of the tables, or None
+        where the native kernel rotates from the tables themselves."""
+        if self._native(self.cos):
+            return None, None, positions
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1), positions
+
+    @staticmethod
+    def _native(t: torch.Tensor) -> bool:
+        return t.dtype == torch.float32 and t.device.type == "cpu" and kernels.available("rope")
 
     def forward(self, rope, q: torch.Tensor, k: torch.Tensor):
         """q: (T, H, D), k: (T, Hkv, D); rope from `table`."""
         return self.rotate(rope, q), self.rotate(rope, k)
 
     def rotate(self, rope, x: torch.Tensor) -> torch.Tensor:
-        """x: (T, heads, D) -> x rotated by its token's position; rope from `table`."""
-        cos, sin = rope
+        """x: (T, heads, D) -> x rotated by its token's position; rope from `table`. The native
+        kernel rotates x in place (a view of a fresh projection)."""
+        cos, sin, positions = rope
+        heads_packed = x.stride(2) == 1 and x.stride(1) == x.shape[2]
+        if cos is None and x.dtype == torch.float32 and heads_packed:
+            return kernels.rope_(x, positions, self.cos, self.sin)
+        if cos is None:
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         return x * cos + self._rotate_half(x) * sin

@@ -111,6 +111,34 @@ def test_add_rms_norm_reads_non_contiguous_inputs():
     torch.testing.assert_close(y, F.rms_norm(x + residual, (64,), torch.ones(64), 1e-6))
 
 
+@pytest.mark.parametrize("T", [1, 5, 40])  # 40 rows take the threaded loop
+def test_rope_is_bit_exact_with_the_pytorch_rotation(T):
+    """In place on the q and k heads of a packed projection (rows wider than the heads)."""
+    from slimserve.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(T)
+    rotary, H, Hkv, D = RotaryEmbedding(64, 512, 10000.0), 6, 2, 64
+    qkv = torch.randn(T, (H + 2 * Hkv) * D) * 3
+    positions = torch.randint(0, 512, (T,))
+    qk = qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D)
+    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
+    ref = qk * cos + rotary._rotate_half(qk) * sin
+    v_before = qkv[:, (H + Hkv) * D :].clone()
+    out = kernels.rope_(qk, positions, rotary.cos, rotary.sin)
+    assert out.data_ptr() == qkv.data_ptr()
+    assert torch.equal(out, ref)
+    assert torch.equal(qkv[:, (H + Hkv) * D :], v_before)  # values untouched
+
+
+@pytest.mark.parametrize("T,width", [(1, 1536), (3, 20), (40, 64)])  # 20: the scalar tail
+def test_silu_mul_matches_pytorch(T, width):
+    torch.manual_seed(width)
+    x = torch.randn(T, 2 * width) * 6
+    x[0, :4] = torch.tensor([0.0, -0.0, 90.0, -90.0])  # exp's edges: no inf, no NaN
+    ref = F.silu(x[:, :width]) * x[:, width:]
+    torch.testing.assert_close(kernels.silu_mul(x), ref, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_write_kv_is_bit_exact_with_the_pytorch_encoding(dtype):
     """Keys and values taken as strided views of a packed projection, as the model passes them."""

@@ -1,0 +1,97 @@
+/* The pieces the kernels share, and that the fused decode step (decode_step.c) composes.
+
+   A function named *_part is called by every thread of an enclosing `omp parallel` region: it
+   splits its loop with an orphaned `omp for`, which ends in a barrier, so the next part sees all
+   of its output. Called outside a parallel region, one thread does all of it. The exported
+   kernels are each one parallel region around their parts; the decode step is one region around
+   a whole model's.
+*/
+#ifndef SLIMSERVE_KERNELS_H
+#define SLIMSERVE_KERNELS_H
+
+#include <stdint.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#endif
+
+/* Cache row formats (layers/attention.py): D float32, D int8 codes + float32 scale, D bfloat16. */
+enum { F32 = 0, I8 = 1, BF16 = 2 };
+
+/* A weight in PyTorch's packed int4 layout (int4_matmul.c describes it); bias may be NULL. */
+typedef struct {
+    const uint8_t *packed;
+    const uint16_t *sz;
+    const float *bias;
+    int64_t K, doubled, n_pad, group, n_out, eight_bit;
+} Int4Weight;
+
+/* Activation rows rounded to int8 per block of 32, as the int4 matmul reads them: buffers for
+   M rows of int4_inputs(w) codes, and a scale and a code sum per block. */
+typedef struct {
+    int8_t *q;
+    float *d;
+    int32_t *s;
+} QuantRows;
+
+/* 0 when the int4 matmul takes w, else -1 (no AVX2, or K not in blocks of 32). */
+int int4_supported(const Int4Weight *w);
+/* Inputs per activation row the matmul multiplies: K' = 2K for doubled 4-bit halves, K for
+   8-bit weights read as one byte per weight (VNNI), K otherwise. */
+int64_t int4_inputs(const Int4Weight *w);
+void int4_quantize_part(const Int4Weight *w, const float *x, int64_t ldx, int64_t M,
+                        const QuantRows *a);
+void int4_tiles_part(const Int4Weight *w, int64_t M, const QuantRows *a, float *y, int64_t ldy);
+
+void add_rms_norm_part(const float *x, const float *residual, const float *weight, float *h_out,
+                       float *y_out, int64_t T, int64_t H, float eps);
+
+/* In place over `heads` heads of D (contiguous) at the start of each of T rows ldx apart. */
+void rope_part(float *x, int64_t ldx, int64_t T, int64_t heads, int64_t D, const float *cos,
+               const float *sin, const int64_t *positions);
+/* y (T, I) = silu(x[:, :I]) * x[:, I:], x rows ldx apart. */
+void silu_mul_part(const float *x, int64_t ldx, int64_t T, int64_t I, float *y);
+
+void write_kv_part(const float *k, const float *v, int64_t k_stride, int64_t v_stride,
+                   char *k_cache, char *v_cache, const int64_t *slot_mapping, int64_t T,
+                   int64_t Hkv, int64_t D, int64_t slots, int64_t kind);
+
+/* One layer's paged cache, and where a decode batch's tokens sit in it. */
+typedef struct {
+    const char *k, *v;
+    int64_t slots, kind, block_size;
+    const int64_t *tables, *lens;
+    int64_t max_blocks;
+} PagedKV;
+
+/* Whether the decode attention's stack buffers hold G query heads per KV head of D. */
+int paged_attention_supports(int64_t G, int64_t D);
+/* q rows (B, Hkv, G, D) ldq apart -> out rows ldo apart; lse (B, Hkv, G) or NULL. */
+void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_t B, int64_t Hkv,
+                          int64_t G, int64_t D, float scale, float *out, int64_t ldo, float *lse);
+
+#ifdef HAVE_AVX2
+/* e^x for x <= 0: 2^k e^r with a degree-7 polynomial for e^r (relative error ~1e-8 before
+   rounding); inputs below -87 give ~1e-38 instead of 0. */
+static inline __m256 exp8_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 y = _mm256_set1_ps(1.f / 5040);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 720));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 120));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 24));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 6));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
+    __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+#endif

@@ -1,0 +1,78 @@
+"""The native decode step (engine/decode_step.py) against the model's modules.
+
+Both paths call the same kernels in the same order, so a step's logits must be identical bit for
+bit, whatever the KV cache's format, the batch, and the sequences' lengths."""
+
+import pytest
+import torch
+
+from slimserve import LLM, SamplingParams, kernels
+
+from ..unit.test_hf_models import make_hf_dir
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available("decode_step"), reason="native kernels unavailable"
+)
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "What is the capital of France? Answer in one sentence, then explain why in detail.",
+    "1, 2, 3,",
+]
+
+
+def _logits_of(llm: LLM, prompts, native: bool, max_tokens: int = 24):
+    """Every step's logits and the outputs, with the native step on or off."""
+    model, logits = llm.engine.runner.model, []
+    compute = model.compute_logits
+
+    def record(hidden):
+        logits.append(compute(hidden))
+        return logits[-1]
+
+    kernels.set_enabled(native, "decode_step")
+    model.compute_logits = record
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        outs = llm.generate(prompts, params)
+    finally:
+        del model.compute_logits
+        kernels.set_enabled(True, "decode_step")
+    return logits, [o.outputs[0].token_ids for o in outs]
+
+
+def _assert_same_steps(llm: LLM, prompts):
+    step = llm.engine.runner.native_step
+    assert step is not None
+    before = step.steps
+    native, native_tokens = _logits_of(llm, prompts, True)
+    assert step.steps - before >= 20  # the decode steps ran natively
+    after = step.steps
+    modules, module_tokens = _logits_of(llm, prompts, False)
+    assert step.steps == after  # ... and were off for the reference run
+    assert native_tokens == module_tokens
+    assert len(native) == len(modules)
+    for a, b in zip(native, modules):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float32", "int8"])
+def test_native_step_matches_the_modules_bit_for_bit(gguf_path, kv_dtype):
+    llm = LLM(gguf_path, kv_cache_memory="64MiB", kv_cache_dtype=kv_dtype,
+              enable_prefix_caching=False)  # fmt: skip
+    _assert_same_steps(llm, PROMPTS)  # a batch of 3 of different lengths
+    _assert_same_steps(llm, PROMPTS[1:2])  # batch 1
+
+
+def test_native_step_with_qkv_bias_and_a_non_default_shape(tmp_path, llm):
+    """A tiny int4 Qwen2 (q/k/v bias, head_dim 16, two query heads per KV head)."""
+    make_hf_dir(tmp_path, llm, "qwen2", tie_word_embeddings=True)
+    tiny = LLM(str(tmp_path), kv_cache_memory="16MiB", quantization="int4",
+               enable_prefix_caching=False)  # fmt: skip
+    assert tiny.engine.model_config.attention_bias
+    _assert_same_steps(tiny, PROMPTS)
+
+
+def test_float_weights_keep_the_modules(llm):
+    """The session's reference engine has float32 weights: the native step does not take it."""
+    assert llm.engine.runner.native_step is None
