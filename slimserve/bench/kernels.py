@@ -3,7 +3,8 @@
 Views, all A/B in the same process with the order alternated, so machine noise hits both:
 - the op alone: paged decode attention vs gather + SDPA for one layer, over batch sizes and
   context lengths; the int4 x int8 matmul vs PyTorch's int4 kernel on the model's layer shapes;
-- end to end: greedy decode tok/s of the engine with the kernels on and off.
+- end to end: greedy decode tok/s of the engine with every kernel on, with all but the fused
+  decode step (engine/decode_step.py), and with none.
 """
 
 from __future__ import annotations
@@ -123,31 +124,45 @@ def int4_op(rows_list, runs: int = 40) -> list[dict]:
     return out
 
 
+# End-to-end variants: what is turned off for each.
+VARIANTS = {"native": None, "without_step": "decode_step", "pytorch": "all"}
+
+
+def _turn_off(what: str | None) -> None:
+    kernels.set_enabled(True)
+    if what == "all":
+        kernels.set_enabled(False)
+    elif what is not None:
+        kernels.set_enabled(False, what)
+
+
 def end_to_end(llm, batches, decode_tokens: int, rounds: int) -> list[dict]:
-    """Greedy decode tok/s with the kernels on and off, alternating, best of `rounds`."""
+    """Greedy decode tok/s with every native kernel on, with all but the fused decode step, and
+    with none (the PyTorch paths): rotating which goes first, best of `rounds`."""
     from slimserve.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
+    names = list(VARIANTS)
     rows = []
     for B in batches:
         prompts = [list(range(1000 + 7 * i, 1200 + 7 * i)) for i in range(B)]  # 200 tokens each
         llm.generate(prompts, params, use_tqdm=False)  # warm up, fill the prefix cache
-        best = {True: 0.0, False: 0.0}
-        for i in range(2 * rounds):
-            on = i % 2 == 0
-            kernels.set_enabled(on)
-            try:
-                t = time.perf_counter()
-                llm.generate(prompts, params, use_tqdm=False)
-                best[on] = max(best[on], B * decode_tokens / (time.perf_counter() - t))
-            finally:
-                kernels.set_enabled(True)
+        best = dict.fromkeys(names, 0.0)
+        for i in range(rounds):
+            for name in names[i % 3 :] + names[: i % 3]:
+                _turn_off(VARIANTS[name])
+                try:
+                    t = time.perf_counter()
+                    llm.generate(prompts, params, use_tqdm=False)
+                    best[name] = max(best[name], B * decode_tokens / (time.perf_counter() - t))
+                finally:
+                    kernels.set_enabled(True)
         rows.append(
             {
                 "batch": B,
-                "native_tok_s": best[True],
-                "pytorch_tok_s": best[False],
-                "speedup": best[True] / best[False],
+                **{f"{n}_tok_s": best[n] for n in names},
+                "speedup": best["native"] / best["pytorch"],
+                "step_speedup": best["native"] / best["without_step"],
             }
         )
     return rows
@@ -176,11 +191,11 @@ def run_kernels(args) -> None:
         )
     llm = make_llm(args, progress=False)
     result["end_to_end"] = end_to_end(llm, args.batch, args.decode_tokens, args.rounds)
-    print("greedy decode (tok/s): batch native pytorch speedup")
+    print("greedy decode (tok/s): batch native without-step pytorch speedup step-speedup")
     for r in result["end_to_end"]:
         print(
-            f"  {r['batch']:>3} {r['native_tok_s']:8.1f} {r['pytorch_tok_s']:8.1f}"
-            f" {r['speedup']:6.2f}x"
+            f"  {r['batch']:>3} {r['native_tok_s']:8.1f} {r['without_step_tok_s']:8.1f}"
+            f" {r['pytorch_tok_s']:8.1f} {r['speedup']:6.2f}x {r['step_speedup']:6.2f}x"
         )
     if args.output:
         with open(args.output, "w") as f:

@@ -148,7 +148,9 @@ class NativeDecodeStep:
         ):
             return None
         step = cls(model, cfg, layers, inner.norm, rotary, inner.embed_tokens, kv_cache)
-        if kernels.decode_scratch_bytes(step.model, step.layers, 1) < 0:
+        one = torch.ones(1, dtype=torch.long)  # a batch of one 1-token sequence, to ask with
+        probe = _Batch(1, None, None, None, one.data_ptr(), 1, None)
+        if kernels.decode_scratch_bytes(step.model, step.layers, probe) < 0:
             return None
         return step
 
@@ -177,7 +179,7 @@ class NativeDecodeStep:
             tables.shape[1],
             x.data_ptr(),
         )
-        need = kernels.decode_scratch_bytes(self.model, self.layers, M)
+        need = kernels.decode_scratch_bytes(self.model, self.layers, batch)
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.uint8)
         kernels.decode_layers(self.model, self.layers, batch, self._scratch)

@@ -127,7 +127,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.argtypes = [p, i64, i64, i64, p, i64]
     fn.restype = None
     fn = lib.decode_scratch_bytes
-    fn.argtypes = [p, p, i64, i64]
+    fn.argtypes = [p, p, i64, p]
     fn.restype = i64
     fn = lib.decode_layers
     fn.argtypes = [p, p, i64, p, p, i64]
@@ -353,10 +353,12 @@ def int4_matmul(
     return None if rc else y
 
 
-def decode_scratch_bytes(model: ctypes.Structure, layers: ctypes.Array, M: int) -> int:
-    """Scratch bytes decode_layers needs for M sequences, or -1 when it does not take the model
+def decode_scratch_bytes(
+    model: ctypes.Structure, layers: ctypes.Array, batch: ctypes.Structure
+) -> int:
+    """Scratch bytes decode_layers needs for a batch, or -1 when it does not take the model
     (engine/decode_step.py builds the structures)."""
-    return _lib.decode_scratch_bytes(ctypes.byref(model), layers, len(layers), M)
+    return _lib.decode_scratch_bytes(ctypes.byref(model), layers, len(layers), ctypes.byref(batch))
 
 
 def decode_layers(

@@ -57,14 +57,29 @@ static int64_t max_inputs(const DecodeLayer *l) {
     return k;
 }
 
-/* Bytes of scratch decode_layers needs for M sequences; -1 when a layer's shapes are outside
-   what its parts take (the caller keeps the PyTorch path). */
+static PagedKV paged_kv(const DecodeModel *m, const DecodeLayer *l, const DecodeBatch *b,
+                        float *partials) {
+    PagedKV kv = {l->k_cache, l->v_cache, m->slots,      m->kind,      m->block_size,
+                  b->tables,  b->lens,    b->max_blocks, partials};
+    return kv;
+}
+
+static int64_t attention_floats(const DecodeModel *m, const DecodeBatch *b) {
+    PagedKV kv = {0};
+    kv.lens = b->lens; /* all the count reads */
+    return paged_attention_scratch_floats(&kv, b->M, m->kv_heads, m->heads / m->kv_heads,
+                                          m->head_dim);
+}
+
+/* Bytes of scratch decode_layers needs for batch b; -1 when a layer's shapes are outside what
+   its parts take (the caller keeps the PyTorch path). */
 int64_t decode_scratch_bytes(const DecodeModel *m, const DecodeLayer *layers, int64_t n_layers,
-                             int64_t M) {
+                             const DecodeBatch *b) {
+    const int64_t M = b->M;
     if (m->heads % m->kv_heads || m->head_dim % 2 ||
         !paged_attention_supports(m->heads / m->kv_heads, m->head_dim))
         return -1;
-    int64_t w[NUM_BUFFERS], floats = 0, k = 0;
+    int64_t w[NUM_BUFFERS], floats = attention_floats(m, b), k = 0;
     widths(m, w);
     for (int i = 0; i < NUM_BUFFERS; i++) floats += M * w[i];
     for (int64_t i = 0; i < n_layers; i++) {
@@ -75,7 +90,8 @@ int64_t decode_scratch_bytes(const DecodeModel *m, const DecodeLayer *layers, in
             return -1;
         k = max_inputs(l) > k ? max_inputs(l) : k;
     }
-    /* floats, then per row k int8 codes and k / 32 (scale, code sum) pairs */
+    /* floats (the buffers, then attention's partials), then per row k int8 codes and k / 32
+       (scale, code sum) pairs */
     return (int64_t)sizeof(float) * floats + M * k + 8 * M * (k / 32);
 }
 
@@ -89,11 +105,12 @@ static void matmul_part(const Int4Weight *w, const float *x, int64_t ldx, int64_
 int decode_layers(const DecodeModel *m, const DecodeLayer *layers, int64_t n_layers,
                   const DecodeBatch *b, void *scratch, int64_t num_threads) {
     const int64_t M = b->M, H = m->hidden, D = m->head_dim, Hq = m->heads, Hkv = m->kv_heads;
-    if (decode_scratch_bytes(m, layers, n_layers, M) < 0) return -1;
+    if (decode_scratch_bytes(m, layers, n_layers, b) < 0) return -1;
     int64_t w[NUM_BUFFERS], k = 0;
     widths(m, w);
-    float *buf[NUM_BUFFERS], *p = scratch;
+    float *buf[NUM_BUFFERS], *p = scratch, *partials;
     for (int i = 0; i < NUM_BUFFERS; i++) buf[i] = p, p += M * w[i];
+    partials = p, p += attention_floats(m, b);
     for (int64_t i = 0; i < n_layers; i++) k = max_inputs(layers + i) > k ? max_inputs(layers + i) : k;
     QuantRows a = {(int8_t *)p, NULL, NULL};
     a.d = (float *)(a.q + M * k);
@@ -104,8 +121,7 @@ int decode_layers(const DecodeModel *m, const DecodeLayer *layers, int64_t n_lay
 #pragma omp parallel num_threads(num_threads)
     for (int64_t i = 0; i < n_layers; i++) {
         const DecodeLayer *l = layers + i;
-        PagedKV kv = {l->k_cache, l->v_cache, m->slots,          m->kind,
-                      m->block_size, b->tables, b->lens,          b->max_blocks};
+        PagedKV kv = paged_kv(m, l, b, partials);
         add_rms_norm_part(x, i ? res : NULL, l->input_norm, res, nrm, M, H, m->eps);
         matmul_part(&l->qkv, nrm, H, M, &a, qkv);
         rope_part(qkv, ldqkv, M, Hq + Hkv, D, m->cos, m->sin, b->positions);

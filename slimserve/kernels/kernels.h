@@ -57,16 +57,20 @@ void write_kv_part(const float *k, const float *v, int64_t k_stride, int64_t v_s
                    char *k_cache, char *v_cache, const int64_t *slot_mapping, int64_t T,
                    int64_t Hkv, int64_t D, int64_t slots, int64_t kind);
 
-/* One layer's paged cache, and where a decode batch's tokens sit in it. */
+/* One layer's paged cache, where a decode batch's tokens sit in it, and scratch for the partial
+   results of long sequences (paged_attention_scratch_floats of them; NULL when that is 0). */
 typedef struct {
     const char *k, *v;
     int64_t slots, kind, block_size;
     const int64_t *tables, *lens;
     int64_t max_blocks;
+    float *partials;
 } PagedKV;
 
 /* Whether the decode attention's stack buffers hold G query heads per KV head of D. */
 int paged_attention_supports(int64_t G, int64_t D);
+int64_t paged_attention_scratch_floats(const PagedKV *kv, int64_t B, int64_t Hkv, int64_t G,
+                                       int64_t D);
 /* q rows (B, Hkv, G, D) ldq apart -> out rows ldo apart; lse (B, Hkv, G) or NULL. */
 void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_t B, int64_t Hkv,
                           int64_t G, int64_t D, float scale, float *out, int64_t ldo, float *lse);

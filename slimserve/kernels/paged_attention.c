@@ -22,6 +22,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
@@ -175,9 +176,10 @@ static void accumulate_avx2(const char *const *rows, int n, int G, int D, int ki
 
 /* ---- one (sequence, KV head) ------------------------------------------------------------ */
 
+/* Tokens [begin, end) of one (sequence, KV head). */
 static void one_head(const float *q, const char *k, const char *v, const int64_t *table,
-                     int64_t len, int block_size, int G, int D, int kind, float scale,
-                     float *out, float *lse) {
+                     int64_t begin, int64_t len, int block_size, int G, int D, int kind,
+                     float scale, float *out, float *lse) {
     const int64_t row_bytes = row_bytes_of(kind, D);
 #ifdef HAVE_AVX2
     const int fast = D % 8 == 0;
@@ -192,7 +194,7 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
         l[g] = 0.f;
         for (int d = 0; d < D; d++) acc[g][d] = 0.f;
     }
-    for (int64_t t0 = 0; t0 < len; t0 += CHUNK) {
+    for (int64_t t0 = begin; t0 < len; t0 += CHUNK) {
         int n = (int)(len - t0 < CHUNK ? len - t0 : CHUNK);
         for (int i = 0; i < n; i++) {
             int64_t t = t0 + i;
@@ -239,31 +241,100 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
     }
 }
 
+/* A sequence longer than PARTITION tokens is cut into partitions of that many, attended
+   separately and merged by their log-sum-exps (as flash-decoding splits a context): at batch 1
+   the work is then more than one piece per KV head, so both threads have some. The cut depends
+   on the sequence's length alone, so a sequence's result does not depend on its batch. */
+#ifndef PARTITION
+#define PARTITION 256
+#endif
+
+static inline int64_t parts_of(int64_t len) {
+    return len > PARTITION ? (len + PARTITION - 1) / PARTITION : 1;
+}
+
+int64_t paged_attention_scratch_floats(const PagedKV *kv, int64_t B, int64_t Hkv, int64_t G,
+                                       int64_t D) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < B; b++) n += parts_of(kv->lens[b]) > 1 ? parts_of(kv->lens[b]) : 0;
+    return n * Hkv * G * (D + 1);
+}
+
+/* Weights exp(lse_p - max) of each partition's output, summed in partition order. */
+static void merge_parts(const float *parts, int64_t np, int64_t Hkv, int64_t G, int64_t D,
+                        float *out, float *lse) {
+    const int64_t stride = Hkv * G * (D + 1); /* from one partition's slot to the next's */
+    for (int64_t g = 0; g < G; g++) {
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t p = 0; p < np; p++) {
+            float l = parts[p * stride + G * D + g];
+            mx = l > mx ? l : mx;
+        }
+        for (int64_t d = 0; d < D; d++) out[g * D + d] = 0.f;
+        for (int64_t p = 0; p < np; p++) {
+            const float *o = parts + p * stride;
+            float w = expf(o[G * D + g] - mx);
+            sum += w;
+            for (int64_t d = 0; d < D; d++) out[g * D + d] += w * o[g * D + d];
+        }
+        for (int64_t d = 0; d < D; d++) out[g * D + d] /= sum;
+        if (lse) lse[g] = mx + logf(sum);
+    }
+}
+
 void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_t B, int64_t Hkv,
                           int64_t G, int64_t D, float scale, float *out, int64_t ldo, float *lse) {
-    const int64_t row_bytes = row_bytes_of((int)kv->kind, D);
+    const int64_t row_bytes = row_bytes_of((int)kv->kind, D), slot = G * (D + 1);
+    /* sequence b's pieces are units first[b] .. first[b + 1] - 1; a cut one's partials start at
+       partition slot base[b] of kv->partials (slot p, head h: (p * Hkv + h) * slot floats) */
+    int64_t first[B + 1], base[B + 1];
+    first[0] = base[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        int64_t np = parts_of(kv->lens[b]);
+        first[b + 1] = first[b] + np;
+        base[b + 1] = base[b] + (np > 1 ? np : 0);
+    }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < B * Hkv; w++) {
-        int64_t b = w / Hkv, h = w % Hkv;
+    for (int64_t w = 0; w < first[B] * Hkv; w++) {
+        int64_t u = w / Hkv, h = w % Hkv, b = 0;
+        while (first[b + 1] <= u) b++;
+        int64_t part = u - first[b], np = first[b + 1] - first[b], len = kv->lens[b];
+        float *o = out + b * ldo + h * G * D, *l = lse ? lse + (b * Hkv + h) * G : NULL;
+        if (np > 1) {
+            o = kv->partials + ((base[b] + part) * Hkv + h) * slot;
+            l = o + G * D;
+            len = (part + 1) * PARTITION < len ? (part + 1) * PARTITION : len;
+        }
         one_head(q + b * ldq + h * G * D, kv->k + h * kv->slots * row_bytes,
-                 kv->v + h * kv->slots * row_bytes, kv->tables + b * kv->max_blocks, kv->lens[b],
-                 (int)kv->block_size, (int)G, (int)D, (int)kv->kind, scale,
-                 out + b * ldo + h * G * D, lse ? lse + w * G : NULL);
+                 kv->v + h * kv->slots * row_bytes, kv->tables + b * kv->max_blocks,
+                 part * PARTITION, len, (int)kv->block_size, (int)G, (int)D, (int)kv->kind, scale,
+                 o, l);
+    }
+    if (base[B] == 0) return; /* no sequence was cut */
+#pragma omp for
+    for (int64_t w = 0; w < B * Hkv; w++) {
+        int64_t b = w / Hkv, h = w % Hkv, np = first[b + 1] - first[b];
+        if (np > 1)
+            merge_parts(kv->partials + (base[b] * Hkv + h) * slot, np, Hkv, G, D,
+                        out + b * ldo + h * G * D, lse ? lse + w * G : NULL);
     }
 }
 
 int paged_attention_supports(int64_t G, int64_t D) { return G <= MAX_G && D <= MAX_D; }
 
-/* Returns 0, or -1 when G or D exceed what the kernel's stack buffers hold. */
+/* Returns 0, or -1 when G or D exceed what the kernel's stack buffers hold (or no memory). */
 int paged_decode_attention(const float *q, const char *k_cache, const char *v_cache,
                            const int64_t *tables, const int64_t *lens, float *out, float *lse,
                            int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t slots,
                            int64_t max_blocks, int64_t block_size, int64_t kind,
                            float scale, int64_t num_threads) {
     if (!paged_attention_supports(G, D)) return -1;
-    PagedKV kv = {k_cache, v_cache, slots, kind, block_size, tables, lens, max_blocks};
+    PagedKV kv = {k_cache, v_cache, slots, kind, block_size, tables, lens, max_blocks, NULL};
+    int64_t n = paged_attention_scratch_floats(&kv, B, Hkv, G, D);
+    if (n && !(kv.partials = malloc(sizeof(float) * (size_t)n))) return -1;
 #pragma omp parallel num_threads(num_threads)
     paged_attention_part(q, Hkv * G * D, &kv, B, Hkv, G, D, scale, out, Hkv * G * D, lse);
+    free(kv.partials);
     return 0;
 }
 

@@ -9,6 +9,7 @@ import torch
 from slimserve import LLM, SamplingParams, kernels
 
 from ..unit.test_hf_models import make_hf_dir
+from .test_parity import LONG_TEXT
 
 pytestmark = pytest.mark.skipif(
     not kernels.available("decode_step"), reason="native kernels unavailable"
@@ -18,6 +19,7 @@ PROMPTS = [
     "Write a short poem about the sea.",
     "What is the capital of France? Answer in one sentence, then explain why in detail.",
     "1, 2, 3,",
+    LONG_TEXT * 6,  # ~320 tokens: attention cuts it into partitions of 256
 ]
 
 
@@ -60,8 +62,8 @@ def _assert_same_steps(llm: LLM, prompts):
 def test_native_step_matches_the_modules_bit_for_bit(gguf_path, kv_dtype):
     llm = LLM(gguf_path, kv_cache_memory="64MiB", kv_cache_dtype=kv_dtype,
               enable_prefix_caching=False)  # fmt: skip
-    _assert_same_steps(llm, PROMPTS)  # a batch of 3 of different lengths
-    _assert_same_steps(llm, PROMPTS[1:2])  # batch 1
+    _assert_same_steps(llm, PROMPTS)  # a batch of 4 of different lengths
+    _assert_same_steps(llm, PROMPTS[3:])  # batch 1, long
 
 
 def test_native_step_with_qkv_bias_and_a_non_default_shape(tmp_path, llm):

@@ -34,12 +34,13 @@ def _reference(q, k_cache, v_cache, tables, lens, block_size, scale):
 @pytest.mark.parametrize("block_size,G,D", [(16, 3, 64), (64, 1, 32), (8, 6, 128), (16, 2, 20)])
 def test_paged_decode_matches_sdpa(dtype, block_size, G, D):
     torch.manual_seed(0)
-    Hkv, num_blocks = 2, 64
+    Hkv, num_blocks = 2, 96
     k_cache = _encode(torch.randn(Hkv, num_blocks * block_size, D), dtype).contiguous()
     v_cache = _encode(torch.randn(Hkv, num_blocks * block_size, D), dtype).contiguous()
-    # Lengths of 1 token, within a block, across chunks and blocks, and a full table.
-    lens = torch.tensor([1, block_size - 1, block_size + 1, 33, 5 * block_size])
-    max_blocks = 5
+    # Lengths of 1 token, within a block, across chunks and blocks; then sequences cut into
+    # partitions of 256 tokens (two, one of a single token, three with a short last one).
+    lens = torch.tensor([1, block_size - 1, block_size + 1, 33, 5 * block_size, 512, 257, 700])
+    max_blocks = -(-700 // block_size)
     tables = torch.stack([torch.randperm(num_blocks)[:max_blocks] for _ in lens])
     q = torch.randn(len(lens), Hkv, G, D)
 
