@@ -103,6 +103,7 @@ KERNELS = (
     "rope",
     "silu_mul",
     "decode_step",
+    "int4_rows",
 )
 
 
@@ -120,6 +121,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.int4_matmul
     fn.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p, p, i64, i64, i64, i64]
     fn.restype = ctypes.c_int
+    fn = lib.int4_rows
+    fn.argtypes = [p, p, i64, i64, i64, i64, p, i64, p, i64]
+    fn.restype = None
     fn = lib.rope
     fn.argtypes = [p] + [i64] * 4 + [p, p, p, i64]
     fn.restype = None
@@ -235,6 +239,33 @@ def add_rms_norm(
         torch.get_num_threads(),
     )
     return y, h
+
+
+def int4_rows(
+    ids: torch.Tensor,
+    packed: torch.Tensor,
+    scales_zeros: torch.Tensor,
+    group: int,
+    doubled: bool,
+    in_features: int,
+) -> torch.Tensor:
+    """Dequantized rows `ids` (T,) int64 of a weight in PyTorch's packed int4 layout, (T,
+    in_features) float32 (a doubled weight's halves summed): quant/int4.py `rows`, bit for bit."""
+    ids = ids.contiguous()
+    out = torch.empty(ids.shape[0], in_features)
+    _lib.int4_rows(
+        packed.data_ptr(),
+        scales_zeros.data_ptr(),
+        scales_zeros.shape[1],
+        in_features,
+        int(doubled),
+        group,
+        ids.data_ptr(),
+        ids.shape[0],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
 
 
 def rope_(

@@ -402,3 +402,32 @@ int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubl
     free(a.q), free(a.d), free(a.s);
     return rc;
 }
+
+/* Dequantized output rows ids[0 .. T - 1] of a packed weight, out (T, K) float32: a tied
+   embedding's lookup. Per input k' the weight is (code - 8) * scale + zero, each step rounded as
+   quant/int4.py's `rows` rounds it; a doubled weight's two halves are then added (hi + lo). */
+void int4_rows(const uint8_t *packed, const uint16_t *sz, int64_t n_pad, int64_t K,
+               int64_t doubled, int64_t group, const int64_t *ids, int64_t T, float *out,
+               int64_t num_threads) {
+    const int64_t Kp = doubled ? 2 * K : K;
+#pragma omp parallel for num_threads(num_threads) if (T >= 16)
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t n = ids[t], j = n % 64, shift = j < 32 ? 0 : 4;
+        const uint8_t *col = packed + (n / 64) * Kp * 32 + j % 32;
+        float *o = out + t * K;
+        for (int64_t k = 0; k < Kp; k++) {
+            const uint16_t *pair = sz + ((k / group) * n_pad + n) * 2;
+            uint32_t sb = (uint32_t)pair[0] << 16, zb = (uint32_t)pair[1] << 16;
+            float s, z;
+            memcpy(&s, &sb, sizeof s);
+            memcpy(&z, &zb, sizeof z);
+            float v = (float)((col[k * 32] >> shift) & 15) - 8.f;
+            v = v * s;
+            v = v + z;
+            if (k < K)
+                o[k] = v;
+            else
+                o[k - K] = o[k - K] + v;
+        }
+    }
+}

@@ -129,6 +129,10 @@ class Int4Linear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows `ids`, (T, in_features) fp32: a tied embedding's lookup."""
+        if ids.dtype == torch.int64 and ids.device.type == "cpu" and kernels.available("int4_rows"):
+            return kernels.int4_rows(
+                ids, self.packed, self.scales_zeros, self.group, self.doubled, self.in_features
+            )
         codes = self._rows_codes(ids).float()
         T, Kp = codes.shape
         sz = self.scales_zeros[:, ids].float()  # (K'/g, T, 2)

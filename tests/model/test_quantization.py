@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimserve import LLM, SamplingParams
+from slimserve import LLM, SamplingParams, kernels
 from slimserve.errors import InvalidRequest
 from slimserve.loader.resolve import QuantizedTensor
 from slimserve.quant import gguf_blocks
@@ -75,6 +75,14 @@ def test_packed_linear_against_dequantized_fp32(kinds):
     # Embedding rows read back from the packed layout (N = 224 for three shards: padded to 256).
     ids = torch.tensor([0, 5, 63, 64, 70, 95]) * w.shape[0] // 96
     assert (lin.rows(ids) - w[ids]).abs().max() <= 2e-2 * w.abs().max()
+    # The native lookup (kernels.int4_rows) gives the PyTorch path's rows bit for bit.
+    if kernels.available("int4_rows"):
+        kernels.set_enabled(False, "int4_rows")
+        try:
+            reference_rows = lin.rows(ids)
+        finally:
+            kernels.set_enabled(True, "int4_rows")
+        assert torch.equal(lin.rows(ids), reference_rows)
 
 
 @pytest.mark.parametrize("method,bound", [("int4", 0.12), ("int8", 0.01)])
