@@ -104,6 +104,8 @@ KERNELS = (
     "silu_mul",
     "decode_step",
     "int4_rows",
+    "int8_matmul",
+    "int8_rows",
 )
 
 
@@ -120,6 +122,13 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = None
     fn = lib.int4_matmul
     fn.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p, p, i64, i64, i64, i64]
+    fn.restype = ctypes.c_int
+    lib.int8_built.argtypes, lib.int8_built.restype = [], ctypes.c_int
+    fn = lib.int8_matmul
+    fn.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i64, i64]
+    fn.restype = ctypes.c_int
+    fn = lib.int8_rows
+    fn.argtypes = [p, p, i64, i64, p, i64, p]
     fn.restype = ctypes.c_int
     fn = lib.int4_rows
     fn.argtypes = [p, p, i64, i64, i64, i64, p, i64, p, i64]
@@ -265,6 +274,64 @@ def int4_rows(
         out.data_ptr(),
         torch.get_num_threads(),
     )
+    return out
+
+
+def int8_built() -> bool:
+    """Whether the 8-bit matmul was compiled in (it needs AVX2 and F16C); check available()
+    first."""
+    return bool(_lib.int8_built())
+
+
+def int8_matmul(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    lib: ctypes.CDLL | None = None,
+) -> torch.Tensor | None:
+    """x (M, K) float32 times an 8-bit weight in quant/int8.py's tiles, activations rounded to
+    int8 per 32 (+ bias): (M, out_features) float32, or None when the kernel does not take it."""
+    M, K = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = x.new_empty(M, out_features)
+    rc = (lib or _lib).int8_matmul(
+        x.data_ptr(),
+        x.stride(0),
+        M,
+        K,
+        codes.data_ptr(),
+        scales.data_ptr(),
+        scales.shape[1],
+        bias.data_ptr() if bias is not None else None,
+        y.data_ptr(),
+        y.stride(0),
+        out_features,
+        torch.get_num_threads(),
+    )
+    return None if rc else y
+
+
+def int8_rows(
+    ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, in_features: int
+) -> torch.Tensor:
+    """Dequantized rows `ids` (T,) int64 of an 8-bit weight in quant/int8.py's tiles, (T,
+    in_features) float32: Int8Linear.rows' PyTorch path, bit for bit."""
+    ids = ids.contiguous()
+    out = torch.empty(ids.shape[0], in_features)
+    rc = _lib.int8_rows(
+        codes.data_ptr(),
+        scales.data_ptr(),
+        scales.shape[1],
+        in_features,
+        ids.data_ptr(),
+        ids.shape[0],
+        out.data_ptr(),
+    )
+    if rc:
+        raise RuntimeError("int8_rows: the native kernels were built without AVX2 and F16C")
     return out
 
 

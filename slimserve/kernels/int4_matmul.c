@@ -37,12 +37,6 @@
 
 #ifdef HAVE_AVX2
 
-#define TILE 64
-/* Full unrolling lets the compiler keep the per-row sums in registers instead of on the stack,
-   where every add waited on a store (1.1x with AVX2, 1.4x with VNNI). */
-#define UNROLL(n) _Pragma(UNROLL_STR(GCC unroll n))
-#define UNROLL_STR(x) #x
-#define QB 32 /* activations are rounded to int8 per block of this many inputs */
 /* Tuning knobs (-D to try others): how far ahead to prefetch weight bytes, and (scale, zero) rows,
    a strided stream, in blocks; how many activation rows share one pass over a tile's codes. */
 #ifndef PREFETCH
@@ -54,33 +48,6 @@
 #ifndef ROWS_PER_PASS
 #define ROWS_PER_PASS 4
 #endif
-
-/* One block of 32 float inputs -> 32 int8 codes with scale d (x ~ d q); returns sum of codes. */
-static inline int32_t quantize_block(const float *x, int8_t *q, float *d_out) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 v[4], m = _mm256_setzero_ps();
-    for (int i = 0; i < 4; i++) {
-        v[i] = _mm256_loadu_ps(x + 8 * i);
-        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
-    }
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    float amax = _mm_cvtss_f32(h), d = amax / 127.f;
-    __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-    __m256i c[4];
-    for (int i = 0; i < 4; i++) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
-    __m256i s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    s4 = _mm_hadd_epi32(s4, s4);
-    s4 = _mm_hadd_epi32(s4, s4);
-    /* packs work within 128-bit lanes; the permute puts the 32 codes back in input order */
-    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256((__m256i *)q, b);
-    *d_out = d;
-    return _mm_cvtsi128_si32(s4);
-}
 
 /* Codes of 64 output rows at inputs k and k + 1, as four vectors of 16 rows holding the byte pair
    (q_k, q_k+1) per row: rows 0-7 and 16-23, 8-15 and 24-31, 32-39 and 48-55, 40-47 and 56-63. */
@@ -128,14 +95,6 @@ static inline void scale_block(const __m256i s[8], const __m256 sc[8], const __m
     }
 }
 
-static inline void store_rows(const __m256 acc[8], float *y, int64_t n0, int64_t n_out,
-                              const float *bias) {
-    float tmp[TILE];
-    UNROLL(8) for (int i = 0; i < 8; i++) _mm256_storeu_ps(tmp + 8 * i, acc[i]);
-    int64_t n = n_out - n0 < TILE ? n_out - n0 : TILE;
-    for (int64_t j = 0; j < n; j++) y[n0 + j] = tmp[j] + (bias ? bias[n0 + j] : 0.f);
-}
-
 /* Rows m0 .. m0 + MR - 1 of x against one tile of 64 output rows, over all of K'. MR is a
    compile-time constant at each call, so the 16-bit sums of each row stay in registers. */
 static inline __attribute__((always_inline)) void tile_rows(
@@ -177,12 +136,6 @@ static inline __attribute__((always_inline)) void tile_rows(
         UNROLL(4) for (int m = 0; m < MR; m++) scale_block(s[m], sc, z, xd[m * nb + j], xs[m * nb + j], acc[m]);
     }
 }
-
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define DPBUSD(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
-#elif defined(__AVXVNNI__)
-#define DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
-#endif
 
 #ifdef DPBUSD
 /* With VNNI one instruction adds four byte products to each 32-bit lane: no 16-bit sums to widen.
@@ -388,7 +341,7 @@ int int4_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, int64_t doubl
                 int64_t num_threads) {
     Int4Weight w = {packed, sz, bias, K, doubled, n_pad, group, n_out, eight_bit};
     if (M < 1 || int4_supported(&w)) return -1;
-    int64_t Kx = int4_inputs(&w), nb = Kx / 32;
+    int64_t Kx = int4_inputs(&w), nb = Kx / QB;
     QuantRows a = {malloc((size_t)(M * Kx)), malloc(sizeof(float) * (size_t)(M * nb)),
                    malloc(sizeof(int32_t) * (size_t)(M * nb))};
     int rc = a.q && a.d && a.s ? 0 : -1;

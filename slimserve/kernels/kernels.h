@@ -11,9 +11,26 @@
 
 #include <stdint.h>
 
+#include <string.h>
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define HAVE_AVX2 1
+#endif
+
+#define QB 32   /* the matmuls round activations to int8 per block of this many inputs */
+#define TILE 64 /* ... and take output rows in tiles of this many */
+
+/* Full unrolling lets the compiler keep per-row sums in registers instead of on the stack, where
+   every add waited on a store (1.1x with AVX2, 1.4x with VNNI in the int4 matmul). */
+#define UNROLL(n) _Pragma(UNROLL_STR(GCC unroll n))
+#define UNROLL_STR(x) #x
+
+/* VNNI: four byte products (unsigned a, signed b) added to each 32-bit lane in one instruction. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
+#elif defined(__AVXVNNI__)
+#define DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
 #endif
 
 /* Cache row formats (layers/attention.py): D float32, D int8 codes + float32 scale, D bfloat16. */
@@ -95,6 +112,42 @@ static inline __m256 exp8_nonpositive(__m256 x) {
     __m256i e =
         _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* One block of 32 float inputs -> 32 int8 codes with scale d (x ~ d q); returns sum of codes. */
+static inline int32_t quantize_block(const float *x, int8_t *q, float *d_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float amax = _mm_cvtss_f32(h), d = amax / 127.f;
+    __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i c[4];
+    for (int i = 0; i < 4; i++) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    /* packs work within 128-bit lanes; the permute puts the 32 codes back in input order */
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)q, b);
+    *d_out = d;
+    return _mm_cvtsi128_si32(s4);
+}
+
+/* A tile's 64 sums (+ bias) to y[n0 ..], skipping rows past n_out (the padding). */
+static inline void store_rows(const __m256 acc[8], float *y, int64_t n0, int64_t n_out,
+                              const float *bias) {
+    float tmp[TILE];
+    UNROLL(8) for (int i = 0; i < 8; i++) _mm256_storeu_ps(tmp + 8 * i, acc[i]);
+    int64_t n = n_out - n0 < TILE ? n_out - n0 : TILE;
+    for (int64_t j = 0; j < n; j++) y[n0 + j] = tmp[j] + (bias ? bias[n0 + j] : 0.f);
 }
 #endif
 

@@ -31,6 +31,7 @@ from slimserve.quant.int4 import (
     quantize_int4,
     quantize_int8,
 )
+from slimserve.quant.int8 import Int8Linear, Int8LMHead
 
 METHODS = ("gguf", "int4", "int8")
 GROUP_SIZES = (32, 64, 128)
@@ -121,6 +122,18 @@ class _Pending(nn.Module):
         if not self.group:  # the kernel's groups can't tile K: stay in float
             return self._as_float(shards)
         parts = [self._groups(t) for t in shards]
+        if self.cls is not Int4Linear and all(p[0] == "8" for p in parts):
+            # the LM head or an embedding table, 8-bit: one byte a weight where the kernel runs
+            q, d = (torch.cat(x) for x in zip(*(p[1:] for p in parts)))
+            if Int8Linear.takes(q, d):
+                cls = Int8LMHead if self.cls is Int4LMHead else Int8Linear
+                return cls(
+                    q,
+                    d,
+                    in_features=self.in_features,
+                    output_sizes=self.output_sizes,
+                    bias=self.bias,
+                )
         if any(p[0] == "8" for p in parts):
             parts = [(int8_as_int4 if p[0] == "8" else int4_as_doubled)(*p[1:]) for p in parts]
         else:
@@ -204,7 +217,7 @@ def finalize(model: nn.Module) -> nn.Module:
 
 
 def _embedding(table: nn.Module, tied: bool) -> nn.Module:
-    if isinstance(table, Int4Linear):
+    if isinstance(table, (Int4Linear, Int8Linear)):
         return PackedEmbedding(table, tied)
     vocab, hidden = table.output_sizes[0], table.in_features  # a float fallback
     if tied:

@@ -6,9 +6,11 @@ against ~7 GB/s for `_weight_int8pack_mm` and ~14 GB/s for fp32 GEMV, and with b
 it is as fast as fp32 GEMM up to prefill batches (docs/benchmarks.md), so one path serves decode
 and prefill alike.
 
-8-bit codes (Q8_0, `--quantization int8`) go through the same kernel: q = 16 hi + lo with hi in
-[-8, 7] and lo in [0, 15], so W x = W_hi x + W_lo x. The two halves sit side by side along the
-input dimension (K doubles) and the input is repeated, so one call still computes the sum.
+8-bit codes of the layers (Q8_0, `--quantization int8`) go through the same kernel: q = 16 hi +
+lo with hi in [-8, 7] and lo in [0, 15], so W x = W_hi x + W_lo x. The two halves sit side by
+side along the input dimension (K doubles) and the input is repeated, so one call still computes
+the sum. An 8-bit LM head or embedding table is held one byte a weight instead (quant/int8.py)
+where the native kernel runs.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def slimserve(*args, stdin=None, timeout=180):
 def test_generate_answers(gguf_path):
     r = slimserve(
         "generate",
-        "Which city is the capital of France?",
+        "What is the capital of France? Answer in one sentence.",
         "--max-tokens",
         "24",
         "--temperature",

@@ -134,8 +134,11 @@ def test_native_q4_1_tracks_fp32_argmax(llm, native_llm, gguf_path):
 
 
 def test_native_greedy_answer(native_llm):
+    # Not "Which city is the capital of France?": there even float32 weights put "The" only 0.03
+    # logits above "Le", so any rounding decides the answer (the Q4_1 file, run by slimserve or
+    # by llama.cpp, starts "Le Grand Château"). Here the margin is 1.5 logits.
     out = native_llm.chat(
-        [{"role": "user", "content": "Which city is the capital of France?"}],
+        [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
         SamplingParams(max_tokens=16, temperature=0.0),
     )[0].outputs[0]
     assert "Paris" in out.text

@@ -299,3 +299,78 @@ def test_bench_kernels_int4_rows():
     assert [r["layer"] for r in rows] == list(INT4_SHAPES)
     for r in rows:
         assert min(r["native_gflops"], r["avx2_gflops"], r["pytorch_gflops"]) > 0
+
+
+# The 8-bit matmul's paths: VNNI with two rows a pass (32 vector registers), the AVX2 sign trick
+# with two, and with one (16 registers).
+VARIANTS8 = {
+    "native": [],
+    "avx2": ["-mno-avx512vnni", "-mno-avxvnni"],
+    "avx2-16-registers": ["-mno-avx512vnni", "-mno-avxvnni", "-mno-avx512vl"],
+}
+
+
+def _int8_linear(N, K, bias=False):
+    from slimserve.quant.int4 import quantize_int8
+    from slimserve.quant.int8 import Int8Linear
+
+    q, d = quantize_int8(torch.randn(N, K))
+    q[0, :4] = torch.tensor([127, -127, 0, 1], dtype=torch.int8)  # the code range's ends
+    b = torch.randn(N) if bias else None
+    lin = Int8Linear(q, d, in_features=K, output_sizes=[N], bias=b)
+    return lin, q.float() * d.half().float().repeat_interleave(32, dim=1)  # scales are float16
+
+
+@pytest.mark.parametrize("variant", VARIANTS8)
+@pytest.mark.parametrize(
+    "N,K,bias,M",
+    [(200, 576, False, 1), (128, 256, True, 5), (64, 1536, False, 3), (192, 576, False, 32)],
+)
+def test_int8_matmul_matches_dequantized_weights(N, K, bias, M, variant):
+    """x8 @ (q d).T up to float summation order (x8: x rounded to int8 per 32), for both the
+    VNNI path and the AVX2 one; 200 rows are padded to 256."""
+    torch.manual_seed(2)
+    if not kernels.int8_built():
+        pytest.skip("the int8 kernel needs AVX2 and F16C")
+    lib = kernels.load_variant(VARIANTS8[variant]) if VARIANTS8[variant] else None
+    lin, w = _int8_linear(N, K, bias)
+    wide = torch.randn(M, K + 64)
+    x = wide[:, 16 : 16 + K]  # rows K + 64 apart: read in place
+    x[0, :32] = 0  # an all-zero block
+    x[-1, 32:64] = -torch.arange(32.0)  # a block whose amax is negative: code -127
+    y = kernels.int8_matmul(x, lin.codes, lin.scales, lin.out_features, lin.bias, lib)
+    ref = _int8_rows(x) @ w.t() + (lin.bias if bias else 0)
+    assert y.shape == (M, N)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_int8_linear_rows_and_fallback():
+    """Embedding rows are q d exactly (native and PyTorch paths alike); with the kernel off, the
+    4-bit layout built on first use gives the same products up to bf16 activations."""
+    if not kernels.int8_built():
+        pytest.skip("the int8 kernel needs AVX2 and F16C")
+    torch.manual_seed(3)
+    lin, w = _int8_linear(100, 256, bias=True)
+    ids = torch.tensor([0, 1, 63, 64, 99])
+    assert torch.equal(lin.rows(ids), w[ids])
+    x = torch.randn(3, 256)
+    native = lin(x)
+    kernels.set_enabled(False, "int8_rows")
+    kernels.set_enabled(False, "int8_matmul")
+    try:
+        assert torch.equal(lin.rows(ids), w[ids])
+        fallback = lin(x)
+    finally:
+        kernels.set_enabled(True)
+    assert (fallback - native).norm() / native.norm() < 1e-2
+
+
+def test_int8_layout_refuses_code_minus_128():
+    """The AVX2 sign trick cannot negate -128: such a weight keeps the 4-bit layout."""
+    from slimserve.quant.int4 import quantize_int8
+    from slimserve.quant.int8 import Int8Linear
+
+    q, d = quantize_int8(torch.randn(64, 64))
+    assert Int8Linear.takes(q, d) == kernels.int8_built()
+    q[3, 5] = -128
+    assert not Int8Linear.takes(q, d)
