@@ -277,6 +277,13 @@ def int4_rows(
     return out
 
 
+def _matmul_io(x: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x with unit column stride (its rows may be strided), and the (M, out_features) output."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    return x, x.new_empty(x.shape[0], out_features)
+
+
 def int8_built() -> bool:
     """Whether the 8-bit matmul was compiled in (it needs AVX2 and F16C); check available()
     first."""
@@ -293,10 +300,8 @@ def int8_matmul(
 ) -> torch.Tensor | None:
     """x (M, K) float32 times an 8-bit weight in quant/int8.py's tiles, activations rounded to
     int8 per 32 (+ bias): (M, out_features) float32, or None when the kernel does not take it."""
+    x, y = _matmul_io(x, out_features)
     M, K = x.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    y = x.new_empty(M, out_features)
     rc = (lib or _lib).int8_matmul(
         x.data_ptr(),
         x.stride(0),
@@ -427,10 +432,8 @@ def int4_matmul(
     when the kernel does not take it (no AVX2, K not a multiple of 32) and the caller should use
     PyTorch's kernel. `eight_bit`: a doubled weight that is purely 8-bit (Int4Linear.eight_bit),
     which the VNNI path reads as one byte per weight."""
+    x, y = _matmul_io(x, out_features)
     M, K = x.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    y = x.new_empty(M, out_features)
     rc = (lib or _lib).int4_matmul(
         x.data_ptr(),
         x.stride(0),
