@@ -49,9 +49,10 @@ static inline __m256i dot_bytes(__m256i acc, __m256i u, __m256i x) {
 }
 #endif
 
+/* `fetch`: prefetch the codes ahead (the first pass over a tile: later ones find them cached). */
 static inline __attribute__((always_inline)) void tile_rows8(
     const uint8_t *wt, const uint16_t *sc_t, int64_t n_pad, int64_t K, const int8_t *xq,
-    const float *xd, const int32_t *xs, const int MR, __m256 acc[][8]) {
+    const float *xd, const int32_t *xs, const int MR, int fetch, __m256 acc[][8]) {
     const int64_t nb = K / QB;
     UNROLL(2) for (int m = 0; m < MR; m++)
         UNROLL(8) for (int i = 0; i < 8; i++) acc[m][i] = _mm256_setzero_ps();
@@ -61,8 +62,9 @@ static inline __attribute__((always_inline)) void tile_rows8(
             UNROLL(8) for (int i = 0; i < 8; i++) s[m][i] = _mm256_setzero_si256();
         UNROLL(8) for (int qd = 0; qd < QB / 4; qd++) {
             const uint8_t *w = wt + (j * (QB / 4) + qd) * (TILE * 4);
-            UNROLL(4) for (int l = 0; l < 4; l++)
-                _mm_prefetch((const char *)(w + PREFETCH8 + 64 * l), _MM_HINT_T0);
+            if (PREFETCH8 && fetch)
+                UNROLL(4) for (int l = 0; l < 4; l++)
+                    _mm_prefetch((const char *)(w + PREFETCH8 + 64 * l), _MM_HINT_T0);
             __m256i X[MR];
             UNROLL(2) for (int m = 0; m < MR; m++) {
                 int32_t xx;
@@ -114,10 +116,10 @@ int int8_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t
                 int64_t mr = M - m0 >= ROWS8 ? ROWS8 : 1; /* the rest one at a time */
                 if (mr == ROWS8)
                     tile_rows8(wt, sc_t, n_pad, K, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, ROWS8,
-                               acc);
+                               m0 == 0, acc);
                 else
                     tile_rows8(wt, sc_t, n_pad, K, xq + m0 * K, xd + m0 * nb, xs + m0 * nb, 1,
-                               acc);
+                               m0 == 0, acc);
                 for (int64_t m = 0; m < mr; m++)
                     store_rows(acc[m], y + (m0 + m) * ldy, t * TILE, n_out, bias);
                 m0 += mr;
