@@ -92,9 +92,11 @@ def _layer_parts(layer) -> tuple | None:
 class NativeDecodeStep:
     """Callable like the model for an all-decode step: (input_ids, positions) -> hidden."""
 
-    def __init__(self, model, cfg, layers: list, final_norm, rotary, embed, kv_cache):
-        self.embed = embed
-        self.kv_cache = kv_cache
+    def __init__(self, cfg, inner: torch.nn.Module, layers: list):
+        """inner: the decoder stack (norm, rotary, embed_tokens); layers: `_layer_parts` of each
+        of its layers, whose attention holds its bound (Hkv, slots, row) cache pair."""
+        rotary, final_norm, cache = inner.rotary, inner.norm, layers[0][6].kv_cache[0]
+        self.embed = inner.embed_tokens
         self._keep = []  # every tensor whose address the structs hold, alive while they are
         self.layers = (_Layer * len(layers))()
         for i, (n1, qkv, o, n2, gu, down, attn) in enumerate(layers):
@@ -121,8 +123,8 @@ class NativeDecodeStep:
             rotary.cos.data_ptr(),
             rotary.sin.data_ptr(),
             final_norm.weight.data_ptr(),
-            kv_cache.shape[3],
-            kernels.row_kind(kv_cache.dtype),
+            cache.shape[1],
+            kernels.row_kind(cache.dtype),
             0,  # set per step from the attention group
         )
         self._keep += [rotary.cos, rotary.sin, final_norm.weight]
@@ -147,7 +149,7 @@ class NativeDecodeStep:
             or next(model.buffers()).device.type != "cpu"
         ):
             return None
-        step = cls(model, cfg, layers, inner.norm, rotary, inner.embed_tokens, kv_cache)
+        step = cls(cfg, inner, layers)
         one = torch.ones(1, dtype=torch.long)  # a batch of one 1-token sequence, to ask with
         probe = _Batch(1, None, None, None, one.data_ptr(), 1, None)
         if kernels.decode_scratch_bytes(step.model, step.layers, probe) < 0:
