@@ -12,71 +12,19 @@ callers use their PyTorch path and the engine says so once in its log.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-from slimserve.config import cache_dir_from_env, native_kernels_from_env
+from slimserve.config import native_kernels_from_env
+from slimserve.kernels.build import FLAGS, build
 
 logger = logging.getLogger("slimserve")
-
-_SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # built together into one library
-_HEADERS = sorted(Path(__file__).parent.glob("*.h"))
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
 
 _lib: ctypes.CDLL | None = None
 _tried = False
 _enabled = True
 _turned_off: set[str] = set()  # single kernels turned off, for A/B runs
-
-
-def _cpu_tag() -> str:
-    """What -march=native depends on: a library built for one CPU may not run on another."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build(flags: list[str] = _FLAGS) -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (cc or gcc)")
-    key = hashlib.sha256(" ".join(flags).encode() + _cpu_tag().encode())
-    for src in _SOURCES + _HEADERS:
-        key.update(src.name.encode() + src.read_bytes())
-    out_dir = cache_dir_from_env() / "kernels"
-    target = out_dir / f"slimserve-kernels-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Build to a private name, then rename: processes that build at once never see half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *flags, *map(str, _SOURCES), "-o", tmp, "-lm"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        os.replace(tmp, target)
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"{compiler} failed: {e.stderr.strip()[-500:]}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 def _load() -> ctypes.CDLL | None:
@@ -87,7 +35,7 @@ def _load() -> ctypes.CDLL | None:
     if not native_kernels_from_env():
         return None
     try:
-        lib = _bind(ctypes.CDLL(str(_build())))
+        lib = _bind(ctypes.CDLL(str(build())))
     except (OSError, RuntimeError) as e:
         logger.warning("native kernels unavailable, using the PyTorch paths: %s", e)
         return None
@@ -151,7 +99,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def load_variant(extra_flags: list[str]) -> ctypes.CDLL:
     """A separate copy of the kernels built with extra compiler flags, e.g. `-mno-avx512vnni
     -mno-avxvnni` to run the AVX2 code paths on a CPU that has more: for tests."""
-    return _bind(ctypes.CDLL(str(_build([*_FLAGS, *extra_flags]))))
+    return _bind(ctypes.CDLL(str(build([*FLAGS, *extra_flags]))))
 
 
 def set_enabled(enabled: bool, kernel: str | None = None) -> None:
@@ -250,96 +198,6 @@ def add_rms_norm(
     return y, h
 
 
-def int4_rows(
-    ids: torch.Tensor,
-    packed: torch.Tensor,
-    scales_zeros: torch.Tensor,
-    group: int,
-    doubled: bool,
-    in_features: int,
-) -> torch.Tensor:
-    """Dequantized rows `ids` (T,) int64 of a weight in PyTorch's packed int4 layout, (T,
-    in_features) float32 (a doubled weight's halves summed): quant/int4.py `rows`, bit for bit."""
-    ids = ids.contiguous()
-    out = torch.empty(ids.shape[0], in_features)
-    _lib.int4_rows(
-        packed.data_ptr(),
-        scales_zeros.data_ptr(),
-        scales_zeros.shape[1],
-        in_features,
-        int(doubled),
-        group,
-        ids.data_ptr(),
-        ids.shape[0],
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    return out
-
-
-def _matmul_io(x: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x with unit column stride (its rows may be strided), and the (M, out_features) output."""
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    return x, x.new_empty(x.shape[0], out_features)
-
-
-def int8_built() -> bool:
-    """Whether the 8-bit matmul was compiled in (it needs AVX2 and F16C); check available()
-    first."""
-    return bool(_lib.int8_built())
-
-
-def int8_matmul(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    out_features: int,
-    bias: torch.Tensor | None = None,
-    lib: ctypes.CDLL | None = None,
-) -> torch.Tensor | None:
-    """x (M, K) float32 times an 8-bit weight in quant/int8.py's tiles, activations rounded to
-    int8 per 32 (+ bias): (M, out_features) float32, or None when the kernel does not take it."""
-    x, y = _matmul_io(x, out_features)
-    M, K = x.shape
-    rc = (lib or _lib).int8_matmul(
-        x.data_ptr(),
-        x.stride(0),
-        M,
-        K,
-        codes.data_ptr(),
-        scales.data_ptr(),
-        scales.shape[1],
-        bias.data_ptr() if bias is not None else None,
-        y.data_ptr(),
-        y.stride(0),
-        out_features,
-        torch.get_num_threads(),
-    )
-    return None if rc else y
-
-
-def int8_rows(
-    ids: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, in_features: int
-) -> torch.Tensor:
-    """Dequantized rows `ids` (T,) int64 of an 8-bit weight in quant/int8.py's tiles, (T,
-    in_features) float32: Int8Linear.rows' PyTorch path, bit for bit."""
-    ids = ids.contiguous()
-    out = torch.empty(ids.shape[0], in_features)
-    rc = _lib.int8_rows(
-        codes.data_ptr(),
-        scales.data_ptr(),
-        scales.shape[1],
-        in_features,
-        ids.data_ptr(),
-        ids.shape[0],
-        out.data_ptr(),
-    )
-    if rc:
-        raise RuntimeError("int8_rows: the native kernels were built without AVX2 and F16C")
-    return out
-
-
 def rope_(
     x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
@@ -416,44 +274,6 @@ def paged_decode_attention(
     return out, lse
 
 
-def int4_matmul(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scales_zeros: torch.Tensor,
-    group: int,
-    doubled: bool,
-    out_features: int,
-    bias: torch.Tensor | None = None,
-    lib: ctypes.CDLL | None = None,
-    eight_bit: bool = False,
-) -> torch.Tensor | None:
-    """x (M, K) float32 times a weight in PyTorch's packed int4 layout (quant/int4.py), with the
-    activations rounded to int8 per block of 32 (+ bias): (M, out_features) float32, or None
-    when the kernel does not take it (no AVX2, K not a multiple of 32) and the caller should use
-    PyTorch's kernel. `eight_bit`: a doubled weight that is purely 8-bit (Int4Linear.eight_bit),
-    which the VNNI path reads as one byte per weight."""
-    x, y = _matmul_io(x, out_features)
-    M, K = x.shape
-    rc = (lib or _lib).int4_matmul(
-        x.data_ptr(),
-        x.stride(0),
-        M,
-        K,
-        int(doubled),
-        packed.data_ptr(),
-        scales_zeros.data_ptr(),
-        scales_zeros.shape[1],
-        group,
-        bias.data_ptr() if bias is not None else None,
-        y.data_ptr(),
-        y.stride(0),
-        out_features,
-        int(eight_bit),
-        torch.get_num_threads(),
-    )
-    return None if rc else y
-
-
 def decode_scratch_bytes(
     model: ctypes.Structure, layers: ctypes.Array, batch: ctypes.Structure
 ) -> int:
@@ -476,3 +296,34 @@ def decode_layers(
     )
     if rc:
         raise ValueError("decode_layers: a shape outside what the native step takes")
+
+
+# The matmul wrappers live in their own file; they read the library loaded above.
+from slimserve.kernels.matmul import (  # noqa: E402
+    int4_matmul,
+    int4_rows,
+    int8_built,
+    int8_matmul,
+    int8_rows,
+)
+
+__all__ = [
+    "KERNELS",
+    "add_rms_norm",
+    "available",
+    "decode_attention_supports",
+    "decode_layers",
+    "decode_scratch_bytes",
+    "int4_matmul",
+    "int4_rows",
+    "int8_built",
+    "int8_matmul",
+    "int8_rows",
+    "load_variant",
+    "paged_decode_attention",
+    "rope_",
+    "row_kind",
+    "set_enabled",
+    "silu_mul",
+    "write_kv",
+]

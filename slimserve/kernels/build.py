@@ -1,0 +1,60 @@
+"""Compiling the kernels' C sources into one shared library, cached per source, flags and CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from slimserve.config import cache_dir_from_env
+
+SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # built together into one library
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+
+
+def _cpu_tag() -> str:
+    """What -march=native depends on: a library built for one CPU may not run on another."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build(flags: list[str] = FLAGS) -> Path:
+    """The kernels' shared library built with `flags` (from the cache when it is there)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (cc or gcc)")
+    key = hashlib.sha256(" ".join(flags).encode() + _cpu_tag().encode())
+    for src in SOURCES + HEADERS:
+        key.update(src.name.encode() + src.read_bytes())
+    out_dir = cache_dir_from_env() / "kernels"
+    target = out_dir / f"slimserve-kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Build to a private name, then rename: processes that build at once never see half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        os.replace(tmp, target)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{compiler} failed: {e.stderr.strip()[-500:]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
