@@ -92,7 +92,7 @@ def _layer_parts(layer) -> tuple | None:
 class NativeDecodeStep:
     """Callable like the model for an all-decode step: (input_ids, positions) -> hidden."""
 
-    def __init__(self, cfg, inner: torch.nn.Module, layers: list):
+    def __init__(self, cfg, inner: torch.nn.Module, layers: list, block_size: int):
         """inner: the decoder stack (norm, rotary, embed_tokens); layers: `_layer_parts` of each
         of its layers, whose attention holds its bound (Hkv, slots, row) cache pair."""
         rotary, final_norm, cache = inner.rotary, inner.norm, layers[0][6].kv_cache[0]
@@ -125,16 +125,18 @@ class NativeDecodeStep:
             final_norm.weight.data_ptr(),
             cache.shape[1],
             kernels.row_kind(cache.dtype),
-            0,  # set per step from the attention group
+            block_size,
         )
         self._keep += [rotary.cos, rotary.sin, final_norm.weight]
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self.steps = 0  # steps run natively, for tests and logs
 
     @classmethod
-    def build(cls, model: torch.nn.Module, cfg, kv_cache: torch.Tensor) -> NativeDecodeStep | None:
-        """The native step for `model` (its layers bound to `kv_cache`), or None when the model
-        is not one it composes or the kernels are not there."""
+    def build(
+        cls, model: torch.nn.Module, cfg, kv_cache: torch.Tensor, block_size: int
+    ) -> NativeDecodeStep | None:
+        """The native step for `model` (its layers bound to `kv_cache`, of `block_size`-token
+        blocks), or None when the model is not one it composes or the kernels are not there."""
         if not all(kernels.available(k) for k in PARTS):
             return None
         inner = getattr(model, "model", None)
@@ -149,7 +151,7 @@ class NativeDecodeStep:
             or next(model.buffers()).device.type != "cpu"
         ):
             return None
-        step = cls(cfg, inner, layers)
+        step = cls(cfg, inner, layers, block_size)
         one = torch.ones(1, dtype=torch.long)  # a batch of one 1-token sequence, to ask with
         probe = _Batch(1, None, None, None, one.data_ptr(), 1, None)
         if kernels.decode_scratch_bytes(step.model, step.layers, probe) < 0:
@@ -170,7 +172,6 @@ class NativeDecodeStep:
         g = ctx.groups[0]
         x = self.embed(input_ids).contiguous()
         M = x.shape[0]
-        self.model.block_size = g.block_size
         tables = g.kv_indices
         batch = _Batch(
             M,

@@ -74,7 +74,9 @@ class ModelRunner:
         self.sampler = Sampler()
         group = model_config.num_heads // model_config.num_kv_heads
         self.native_decode_shape = kernels.decode_attention_supports(group, model_config.head_dim)
-        self.native_step = NativeDecodeStep.build(model, model_config, self.kv_cache)
+        self.native_step = NativeDecodeStep.build(
+            model, model_config, self.kv_cache, self.block_size
+        )
 
     @property
     def capacity_tokens(self) -> int:

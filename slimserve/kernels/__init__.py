@@ -270,7 +270,10 @@ def paged_decode_attention(
         torch.get_num_threads(),
     )
     if rc:
-        raise ValueError(f"paged_decode_attention: unsupported shape G={G}, D={D}")
+        raise ValueError(
+            f"paged_decode_attention: unsupported shape G={G}, D={D} (at most "
+            f"{MAX_QUERY_GROUP}, {MAX_HEAD_DIM}), or no memory for long sequences' partitions"
+        )
     return out, lse
 
 
