@@ -7,41 +7,75 @@ import logging
 import sys
 import time
 
-from slimserve.config import KV_CACHE_DTYPES
+from slimserve.config import KERNEL_CHOICES, KV_CACHE_DTYPES, QUANTIZATIONS, default_of
 from slimserve.errors import SlimserveError
+
+# Engine flags default to None: an unset flag takes its config dataclass's default.
+ENGINE_FLAGS = {  # CLI dest -> flat engine setting (slimserve/config.py, FLAT_FIELDS)
+    "kv_cache_memory": "kv_cache_memory",
+    "kv_cache_dtype": "kv_cache_dtype",
+    "block_size": "block_size",
+    "max_num_seqs": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+    "max_model_len": "max_model_len",
+    "enable_prefix_caching": "enable_prefix_caching",
+    "threads": "num_threads",
+    "quantization": "quantization",
+    "quant_group_size": "quant_group_size",
+    "kernels": "kernels",
+}
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
+    d = default_of
     g.add_argument(
         "--model",
         default=None,
         help="a .gguf file or an HF directory (default: SmolLM2-135M-Instruct)",
     )
-    g.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB or 2GiB")
+    g.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 512MiB or 2GiB (default 1GiB)")
     g.add_argument(
         "--kv-cache-dtype",
-        default="bfloat16",
         choices=list(KV_CACHE_DTYPES),
-        help="bfloat16 (default): 2x the tokens of float32 in the same --kv-cache-memory; "
-        "int8: per-token scales, ~3.8x",
+        help=f"{d('kv_cache_dtype')} (default): 2x the tokens of float32 in the same "
+        "--kv-cache-memory; int8: per-token scales, ~3.8x",
     )
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="per-step token budget")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--block-size", type=int, help=f"default {d('block_size')}")
+    g.add_argument("--max-num-seqs", type=int, help=f"default {d('max_num_seqs')}")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help=f"per-step token budget (default {d('max_num_batched_tokens')})",
+    )
+    g.add_argument("--max-model-len", type=int, help="default: the model's context length")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction)
+    g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument(
         "--quantization",
-        default="auto",
-        choices=["auto", "none", "gguf", "int4", "int8"],
+        choices=[q for q in QUANTIZATIONS if q],
         help="auto (default): a GGUF runs from its own 4/8-bit blocks, anything else in float32; "
         "none: float32; int4/int8: quantize a float checkpoint's linears at load",
     )
     g.add_argument(
-        "--quant-group-size", type=int, default=32, help="int4: inputs per scale (32, 64, 128)"
+        "--quant-group-size",
+        type=int,
+        help=f"int4: inputs per scale, 32, 64 or 128 (default {d('quant_group_size')})",
     )
+    g.add_argument(
+        "--kernels",
+        choices=list(KERNEL_CHOICES),
+        help="auto (default): native CPU kernels where they run; none: PyTorch ops only",
+    )
+
+
+def engine_settings(args) -> dict:
+    """The engine flags the user set, as flat engine settings."""
+    return {
+        flat: getattr(args, dest)
+        for dest, flat in ENGINE_FLAGS.items()
+        if getattr(args, dest, None) is not None
+    }
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -61,20 +95,7 @@ def make_llm(args, progress: bool = True):
     from slimserve.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(
-        args.model,
-        kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size,
-        kv_cache_dtype=args.kv_cache_dtype,
-        enable_prefix_caching=args.enable_prefix_caching,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        num_threads=args.threads,
-        quantization=args.quantization,
-        quant_group_size=args.quant_group_size,
-        progress=progress and sys.stderr.isatty(),
-    )
+    llm = LLM(args.model, progress=progress and sys.stderr.isatty(), **engine_settings(args))
     print(
         f"[slimserve] loaded {llm.engine.model_name} in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,
@@ -151,38 +172,28 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     import os
-    import signal
 
     import torch
-    import uvicorn
 
     from slimserve.engine.async_engine import AsyncEngine
     from slimserve.server.api import create_app
+    from slimserve.server.run import run
 
+    # Built before the server starts, so a bad model or flag fails here with one line and exit
+    # code 2 (server.api.build_app builds it in the app's lifespan instead, for other hosts).
     async_engine = AsyncEngine(lambda: make_llm(args).engine, max_queue=args.max_queue)
     engine = async_engine.engine
     name = args.served_model_name or os.path.splitext(engine.model_name)[0]
-    app = create_app(async_engine, name, args.api_key)
     print(
         f"[slimserve] serving {name} at http://{args.host}:{args.port}/v1 "
-        f"(KV cache {engine.runner.capacity_tokens} tokens, {torch.get_num_threads()} threads)",
+        f"(KV cache {engine.capacity_tokens} tokens, {torch.get_num_threads()} threads)",
         file=sys.stderr,
         flush=True,
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30
-        )
-    )
-    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; absorb it
-    # so that SIGINT/SIGTERM end the process with status 0.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
     try:
-        server.run()
+        return run(create_app(async_engine, name, args.api_key), args.host, args.port)
     finally:
         async_engine.shutdown()
-    return 0 if server.started else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ def cache_dir_from_env() -> Path:
 
 
 QUANTIZATIONS = (None, "auto", "none", "gguf", "int4", "int8")
+KERNEL_CHOICES = ("auto", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +134,61 @@ class EngineConfig:
     # "none": float32; "gguf", "int4", "int8": see slimserve/quant/__init__.py.
     quantization: str | None = None
     quant_group_size: int = 32  # int4's group of input features: 32, 64 or 128
+    # "auto": the native CPU kernels where they are built and take the model (slimserve/kernels);
+    # "none": PyTorch ops only. Settled once, when the engine is built.
+    kernels: str = "auto"
 
     def __post_init__(self):
+        if self.kernels not in KERNEL_CHOICES:
+            raise InvalidRequest(
+                f"unknown kernels setting {self.kernels!r}; supported: auto, none",
+                param="kernels",
+            )
         if self.quantization not in QUANTIZATIONS:
             raise InvalidRequest(
                 f"unknown quantization {self.quantization!r}; supported: "
                 + ", ".join(q for q in QUANTIZATIONS if q),
                 param="quantization",
             )
+
+
+# The flat names the front doors (LLM keywords, CLI flags) use for nested config fields.
+FLAT_FIELDS = {
+    "kv_cache_memory": ("cache", "memory_bytes"),
+    "block_size": ("cache", "block_size"),
+    "enable_prefix_caching": ("cache", "enable_prefix_caching"),
+    "kv_cache_dtype": ("cache", "dtype"),
+    "max_num_seqs": ("scheduler", "max_num_seqs"),
+    "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
+    "max_model_len": ("scheduler", "max_model_len"),
+    "num_threads": (None, "num_threads"),
+    "quantization": (None, "quantization"),
+    "quant_group_size": (None, "quant_group_size"),
+    "kernels": (None, "kernels"),
+}
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, None: EngineConfig}
+
+
+def default_of(flat_name: str):
+    """The default of a flat setting, from its dataclass: the one place defaults are written."""
+    section, name = FLAT_FIELDS[flat_name]
+    field = next(f for f in dataclasses.fields(_SECTIONS[section]) if f.name == name)
+    return field.default
+
+
+def engine_config(model: str | None = None, **flat) -> EngineConfig:
+    """An EngineConfig from flat settings (see FLAT_FIELDS); the rest keep their defaults.
+    `kv_cache_memory` may be a string such as "2GiB"."""
+    unknown = sorted(set(flat) - set(FLAT_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"unknown engine setting(s): {', '.join(unknown)}")
+    parts: dict = {"cache": {}, "scheduler": {}, None: {}}
+    for key, value in flat.items():
+        section, name = FLAT_FIELDS[key]
+        parts[section][name] = parse_bytes(value) if key == "kv_cache_memory" else value
+    return EngineConfig(
+        model=model,
+        cache=CacheConfig(**parts["cache"]),
+        scheduler=SchedulerConfig(**parts["scheduler"]),
+        **parts[None],
+    )

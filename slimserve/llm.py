@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Sequence
 
-from slimserve.config import CacheConfig, EngineConfig, SchedulerConfig, parse_bytes
+from slimserve.config import engine_config
 from slimserve.engine.engine import Engine
 from slimserve.errors import InvalidRequest
 from slimserve.outputs import RequestOutput
@@ -19,35 +19,15 @@ class LLM:
 
     >>> llm = LLM()  # the default model
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
+
+    Engine settings are keywords, each defaulting to its config dataclass's value
+    (slimserve/config.py, FLAT_FIELDS): kv_cache_memory ("1GiB"), block_size,
+    enable_prefix_caching, kv_cache_dtype, max_num_seqs, max_num_batched_tokens, max_model_len,
+    num_threads, quantization, quant_group_size, kernels ("auto" or "none").
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        kv_cache_memory: str | int = "1GiB",
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        kv_cache_dtype: str = "bfloat16",
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 512,
-        max_model_len: int | None = None,
-        num_threads: int | None = None,
-        quantization: str | None = None,
-        quant_group_size: int = 32,
-        progress: bool = False,
-    ):
-        config = EngineConfig(
-            model=model,
-            cache=CacheConfig(
-                parse_bytes(kv_cache_memory), block_size, enable_prefix_caching, kv_cache_dtype
-            ),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
-            num_threads=num_threads,
-            quantization=quantization,
-            quant_group_size=quant_group_size,
-        )
-        self.engine = Engine(config, progress=progress)
+    def __init__(self, model: str | None = None, *, progress: bool = False, **engine_settings):
+        self.engine = Engine(engine_config(model, **engine_settings), progress=progress)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

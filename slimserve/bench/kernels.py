@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from slimserve import kernels
+from slimserve.backends.kv_format import encode as _encode
+from slimserve.backends.torch_sdpa import TorchSDPABackend
 from slimserve.bench.roofline import _best
 from slimserve.bench.runinfo import run_info
-from slimserve.layers.attention import Attention, _encode
+from slimserve.config import default_of
 
 
 def _best_us(fn, runs: int) -> float:
@@ -28,8 +30,8 @@ def _best_us(fn, runs: int) -> float:
 
 
 def _gather_sdpa(q, k_cache, v_cache, tables, L, bs):
-    k = Attention._read(k_cache, tables, L, bs)
-    v = Attention._read(v_cache, tables, L, bs)
+    k = TorchSDPABackend._read(k_cache, tables, L, bs)
+    v = TorchSDPABackend._read(v_cache, tables, L, bs)
     return F.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
 
 
@@ -83,11 +85,8 @@ AVX2_ONLY = ["-mno-avx512vnni", "-mno-avxvnni"]
 
 
 def _pytorch_int4(lin, x):
-    kernels.set_enabled(False, "int4_matmul")
-    try:
+    with kernels.without(lin, "int4_matmul"):
         return lin(x)
-    finally:
-        kernels.set_enabled(True, "int4_matmul")
 
 
 def int4_op(rows_list, runs: int = 40) -> list[dict]:
@@ -128,12 +127,14 @@ def int4_op(rows_list, runs: int = 40) -> list[dict]:
 VARIANTS = {"native": None, "without_step": "decode_step", "pytorch": "all"}
 
 
-def _turn_off(what: str | None) -> None:
+def _turn_off(llm, what: str | None) -> None:
+    """Rebuild `llm`'s step with the kernel `what` (or "all") off; None turns all back on."""
     kernels.set_enabled(True)
     if what == "all":
         kernels.set_enabled(False)
     elif what is not None:
         kernels.set_enabled(False, what)
+    llm.engine.use_kernels(True)
 
 
 def end_to_end(llm, batches, decode_tokens: int, rounds: int) -> list[dict]:
@@ -150,13 +151,13 @@ def end_to_end(llm, batches, decode_tokens: int, rounds: int) -> list[dict]:
         best = dict.fromkeys(names, 0.0)
         for i in range(rounds):
             for name in names[i % 3 :] + names[: i % 3]:
-                _turn_off(VARIANTS[name])
+                _turn_off(llm, VARIANTS[name])
                 try:
                     t = time.perf_counter()
                     llm.generate(prompts, params, use_tqdm=False)
                     best[name] = max(best[name], B * decode_tokens / (time.perf_counter() - t))
                 finally:
-                    kernels.set_enabled(True)
+                    _turn_off(llm, None)
         rows.append(
             {
                 "batch": B,
@@ -173,9 +174,9 @@ def run_kernels(args) -> None:
 
     if not kernels.available():
         raise RuntimeError("native kernels are not available here (see the log for why)")
-    result = {**run_info(), "kv_cache_dtype": args.kv_cache_dtype}
+    result = {**run_info(), "kv_cache_dtype": args.kv_cache_dtype or default_of("kv_cache_dtype")}
     shapes = [(1, 300), (1, 1000), (8, 300), (32, 300), (64, 260)]
-    result["attention_op"] = attention_op(shapes, args.kv_cache_dtype)
+    result["attention_op"] = attention_op(shapes, result["kv_cache_dtype"])
     print("decode attention, one layer (us): batch context native pytorch speedup")
     for r in result["attention_op"]:
         print(

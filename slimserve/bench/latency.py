@@ -75,7 +75,7 @@ def _peer_runner(args, engine):
 
 def run_latency(args) -> dict:
     from slimserve.cli import make_llm
-    from slimserve.engine.model_runner import kv_bytes_per_token
+    from slimserve.kv_cache.spec import kv_bytes_per_token
 
     llm = make_llm(args, progress=False)
     engine = llm.engine
@@ -107,7 +107,7 @@ def run_latency(args) -> dict:
     step_bytes = decode_bytes_per_step(
         engine.model,
         32 + args.decode_tokens // 2,
-        kv_bytes_per_token(engine.model_config, engine.runner.kv_dtype),
+        kv_bytes_per_token(engine.model_config, engine.config.cache.dtype),
     )
     result = {
         "model": engine.model_name,

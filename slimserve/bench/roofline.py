@@ -63,7 +63,7 @@ def model_costs(model) -> dict:
 def run_roofline(args) -> dict:
     from slimserve.bench.runinfo import run_info
     from slimserve.cli import make_llm
-    from slimserve.engine.model_runner import kv_bytes_per_token
+    from slimserve.kv_cache.spec import kv_bytes_per_token
 
     llm = make_llm(args, progress=False)
     model = llm.engine.model
@@ -78,9 +78,9 @@ def run_roofline(args) -> dict:
     }
     costs = model_costs(model)
     costs["decode_bytes_per_token"] = decode_bytes_per_step(
-        model, 0, kv_bytes_per_token(model.config, llm.engine.runner.kv_dtype)
+        model, 0, kv_bytes_per_token(model.config, llm.engine.config.cache.dtype)
     )
-    costs["kv_bytes_per_token"] = kv_bytes_per_token(model.config, llm.engine.runner.kv_dtype)
+    costs["kv_bytes_per_token"] = kv_bytes_per_token(model.config, llm.engine.config.cache.dtype)
     result = {"limits": limits, "model": costs, **run_info()}
     print(
         f"memory bandwidth {limits['memory_bandwidth_gb_s']:.1f} GB/s; fp32 GEMM "

@@ -56,15 +56,15 @@ def run_info() -> dict:
 def engine_memory(engine) -> dict:
     """The engine's mode and what it holds: resident weight bytes (parameters and buffers), KV
     bytes per token, the KV cache's size in tokens."""
-    from slimserve.engine.model_runner import kv_bytes_per_token
+    from slimserve.kv_cache.spec import kv_bytes_per_token
 
     tensors = list(engine.model.parameters()) + list(engine.model.buffers())
     return {
         "quantization": engine.model.quantization,
-        "kv_cache_dtype": engine.runner.kv_dtype,
+        "kv_cache_dtype": engine.config.cache.dtype,
         "weight_bytes": sum(t.numel() * t.element_size() for t in tensors if not t.is_meta),
-        "kv_bytes_per_token": kv_bytes_per_token(engine.model_config, engine.runner.kv_dtype),
-        "kv_capacity_tokens": engine.runner.capacity_tokens,
+        "kv_bytes_per_token": kv_bytes_per_token(engine.model_config, engine.config.cache.dtype),
+        "kv_capacity_tokens": engine.capacity_tokens,
         "model_file_bytes": _file_bytes(engine.source.path),
     }
 

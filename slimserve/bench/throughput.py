@@ -115,7 +115,7 @@ def run_throughput(args) -> dict:
         )
         row = {"num_prompts": len(prompts), "output_len": args.output_len}
         llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
-        llm.engine.runner.kv.reset_prefix_cache()  # start cold: no hits from the warm-up
+        llm.engine.kv.reset_prefix_cache()  # start cold: no hits from the warm-up
         row["slimserve"] = ours = _rates(run_ours(llm, prompts, args.output_len), prompts)
         print(
             f"[{kind}] slimserve: {ours['output_tok_s']:.1f} output tok/s, "

@@ -1,19 +1,24 @@
-"""The engine on its own thread, handing outputs to per-request asyncio queues.
+"""The engine on its own thread, fed by a command queue, handing outputs to asyncio queues.
 
-The Engine is not thread-safe; a lock serialises `add_request`/`abort` (called from the event
-loop) with `step` (called from the engine thread). A step takes tens of milliseconds on CPU, so
-a caller waits at most one step. Outputs cross threads with `call_soon_threadsafe`.
+The Engine is not thread-safe, and a step takes tens to hundreds of milliseconds, so nothing on
+the event loop ever waits for one: `submit` tokenizes and validates on the caller's thread
+(Engine.make_request reads only immutable state), then puts an "add" command on a queue; `abort`
+puts an "abort"; the engine thread drains every command before each step. `stats()` returns the
+snapshot the engine thread publishes after each step. Outputs cross back with
+`call_soon_threadsafe`. The only lock guards the map of request ids to their asyncio queues, and
+is held for a dict operation, never across a step.
 
 The engine is built on its own thread too, so that one thread runs every torch op. When a
 second thread has run OpenMP regions (loading the model in the main thread, say), PyTorch's
 OpenMP runtime keeps two thread teams on two cores and every parallel op in the engine thread
-got 2-4x slower: batch-1 decode took ~35 ms per token instead of ~20 (docs/benchmarks.md).
+gets several times slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from collections.abc import Callable
 
@@ -24,16 +29,21 @@ from slimserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("slimserve")
 
+IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps between checks for shutdown
+
 
 class AsyncEngine:
     def __init__(self, make_engine: Callable[[], Engine], max_queue: int | None = None):
         """`make_engine` runs on the engine thread; its exceptions re-raise here."""
         self.max_queue = max_queue
-        self._lock = threading.Lock()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = False
+        self._lock = threading.Lock()  # guards _queues and _pending, never held across a step
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending = 0  # adds submitted and not yet drained (for max_queue)
         self.errored: BaseException | None = None
+        self._stats = None
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self._thread = threading.Thread(
@@ -44,40 +54,64 @@ class AsyncEngine:
         if self._build_error is not None:
             raise self._build_error
 
+    # -- the engine thread ------------------------------------------------------------------
     def _loop(self, make_engine: Callable[[], Engine]) -> None:
         try:
             self.engine = make_engine()
+            self._stats = self.engine.stats()
         except BaseException as e:
             self._build_error = e
             return
         finally:
             self._built.set()
         while not self._stopped:
+            self._drain()
             if not self.engine.has_unfinished():
-                self._wake.wait(0.5)
+                self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
                 continue
             try:
-                with self._lock:
-                    outputs = self.engine.step()
+                outputs = self.engine.step()
             except BaseException as e:  # a bug, not a bad request: fail every waiter loudly
                 logger.exception("engine step failed")
                 self.errored = e
                 self._fail_all(e)
                 return
+            self._stats = self.engine.stats()
             for out in outputs:
-                target = self._queues.get(out.request_id)
-                if target is not None:
-                    loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
-                    if out.finished:
-                        self._queues.pop(out.request_id, None)
+                self._post(out.request_id, out, out.finished)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                cmd, arg = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd == "add":
+                with self._lock:
+                    self._pending -= 1
+                try:
+                    self.engine.enqueue(arg)
+                except Exception as e:  # e.g. a duplicate id: that request alone fails
+                    self._post(arg.request_id, e, True)
+            else:
+                self.engine.abort(arg)
+        self._stats = self.engine.stats()
+
+    def _post(self, request_id: str, item, last: bool) -> None:
+        with self._lock:
+            target = self._queues.pop(request_id, None) if last else self._queues.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _fail_all(self, error: BaseException) -> None:
-        for loop, queue in self._queues.values():
-            loop.call_soon_threadsafe(queue.put_nowait, error)
-        self._queues.clear()
+        with self._lock:
+            targets, self._queues = list(self._queues.values()), {}
+        for loop, q in targets:
+            loop.call_soon_threadsafe(q.put_nowait, error)
 
+    # -- any thread -------------------------------------------------------------------------
     def submit(
         self,
         prompt: str | list[int],
@@ -89,23 +123,27 @@ class AsyncEngine:
         the stream of its outputs. Several requests may share one queue; outputs carry ids."""
         if self.errored is not None:
             raise RuntimeError("the engine has stopped after an internal error")
-        queue = queue if queue is not None else asyncio.Queue()
+        waiting = self._stats.waiting + self._pending if self._stats else self._pending
+        if self.max_queue is not None and waiting >= self.max_queue:
+            raise CapacityError(f"the queue is full ({self.max_queue} waiting); retry later")
+        req = self.engine.make_request(prompt, params, request_id)
+        q = queue if queue is not None else asyncio.Queue()
         with self._lock:
-            if self.max_queue is not None and len(self.engine.scheduler.waiting) >= self.max_queue:
-                raise CapacityError(f"the queue is full ({self.max_queue} waiting); retry later")
-            self.engine.add_request(prompt, params, request_id=request_id)
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
+            self._queues[request_id] = (asyncio.get_running_loop(), q)
+            self._pending += 1
+        self._commands.put(("add", req))
         self._wake.set()
-        return RequestStream(self, request_id, queue)
+        return RequestStream(self, request_id, q)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._queues.pop(request_id, None)
-            self.engine.abort(request_id)
+        self._commands.put(("abort", request_id))
+        self._wake.set()
 
     def stats(self):
-        with self._lock:
-            return self.engine.stats()
+        """The engine's stats as of its last step (or drained command)."""
+        return self._stats
 
     def shutdown(self) -> None:
         self._stopped = True

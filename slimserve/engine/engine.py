@@ -1,4 +1,9 @@
-"""The engine loop: add requests, step, stream outputs. The CLI, LLM and server drive this."""
+"""The engine loop: add requests, step, stream outputs. The CLI, LLM and server drive this.
+
+The engine builds the pieces and owns the decisions between them: the KV cache spec and manager
+(handed to the scheduler; the runner only allocates tensors), the step plan from the scheduler's
+choice, sampling and verification of the runner's logits, and crediting what was accepted.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,23 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from slimserve import kernels
 from slimserve.config import EngineConfig, num_threads_from_env
+from slimserve.engine import rejection
 from slimserve.engine.detokenizer import Detokenizer
+from slimserve.engine.input_batch import StepPlan, build_plan
 from slimserve.engine.model_runner import ModelRunner
 from slimserve.engine.request import Request
+from slimserve.engine.sampler import Sampler, SamplingRow
 from slimserve.engine.scheduler import Scheduler
 from slimserve.errors import CapacityError, ContextLengthExceeded, InvalidRequest
+from slimserve.kv_cache.hashing import kv_salt
+from slimserve.kv_cache.manager import KVCacheManager
+from slimserve.kv_cache.spec import kv_cache_spec
 from slimserve.loader import open_model
 from slimserve.models import get_model_class
 from slimserve.outputs import CompletionOutput, RequestOutput
@@ -41,14 +54,30 @@ class EngineStats:
     prompt_tokens_computed: int  # of those, prompt tokens (the rest came from the prefix cache)
 
 
+class Proposer(Protocol):
+    """Speculative decoding's entry point: draft tokens to verify after a request's last one."""
+
+    def propose(self, req: Request, max_tokens: int) -> list[int]: ...
+
+
 def load_model(
-    source, quantization: str | None = None, group_size: int = 32, progress: bool = False
+    source,
+    quantization: str | None = None,
+    group_size: int = 32,
+    progress: bool = False,
+    native: bool = True,
 ) -> torch.nn.Module:
     """Build the model and load its weights; with a quantization method, its layers are swapped
-    for collectors first and packed after (slimserve/quant), so no float copy is kept."""
+    for collectors first and packed after (slimserve/quant), so no float copy is kept. `native`
+    False keeps layouts only the native kernels read out of the model."""
     from slimserve import quant
+    from slimserve.models import is_supported
 
     cfg = source.config
+    if not is_supported(cfg.architecture):
+        from slimserve.errors import UnsupportedModel
+
+        raise UnsupportedModel(f"unsupported architecture {cfg.architecture!r} in {source.path}")
     model = get_model_class(cfg.architecture)(cfg)
     method = quant.resolve_method(quantization, source, group_size)
     if method:
@@ -60,13 +89,18 @@ def load_model(
         weights = tqdm(weights, desc=f"Loading {source.name}", unit="tensor", leave=False)
     model.load_weights(weights)
     if method:
-        quant.finalize(model)
+        quant.finalize(model, native)
     model.quantization = method or "none"
     return model.eval()
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, progress: bool = False):
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        progress: bool = False,
+        proposer: Proposer | None = None,
+    ):
         config = config or EngineConfig()
         threads = config.num_threads or num_threads_from_env()
         if threads:
@@ -76,9 +110,23 @@ class Engine:
         self.source = open_model(config.model)
         self.model_config = self.source.config
         self.tokenizer = self.source.tokenizer()
-        self.model = load_model(self.source, config.quantization, config.quant_group_size, progress)
-        self.runner = ModelRunner(self.model, self.model_config, config.cache)
-        self.scheduler = Scheduler(config.scheduler, self.runner.kv)
+        native = config.kernels == "auto" and kernels.available()
+        self.model = load_model(
+            self.source, config.quantization, config.quant_group_size, progress, native
+        )
+        cache = config.cache
+        self.kv_spec = kv_cache_spec(self.model_config, cache)
+        salt = kv_salt(
+            self.source.identity(), cache.dtype, cache.block_size, self.model.quantization,
+            config.quant_group_size,
+        )  # fmt: skip
+        self.kv = KVCacheManager(
+            self.kv_spec.num_blocks, cache.block_size, cache.enable_prefix_caching, salt
+        )
+        self.runner = ModelRunner(self.model, self.model_config, self.kv_spec, native)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.sampler = Sampler()
+        self.proposer = proposer
         self.max_model_len = min(
             config.scheduler.max_model_len or self.model_config.max_position,
             self.model_config.max_position,
@@ -92,12 +140,21 @@ class Engine:
             "loaded %s in %.1fs; KV cache holds %d tokens",
             self.source.name,
             self.load_seconds,
-            self.runner.capacity_tokens,
+            self.capacity_tokens,
         )
 
     @property
     def model_name(self) -> str:
         return self.source.name
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.kv_spec.capacity_tokens
+
+    def use_kernels(self, native: bool) -> None:
+        """Rebuild the step on the native kernels (those `kernels.set_enabled` leaves on) or on
+        the PyTorch paths: for A/B tests and benchmarks. Weight layouts stay as loaded."""
+        self.runner.select_kernels(native and kernels.available())
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -109,20 +166,32 @@ class Engine:
         priority: int = 0,
     ) -> str:
         """Queue a prompt (text, or token ids) and return its request id."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        self.enqueue(self.make_request(prompt, params, request_id, priority))
+        return request_id
+
+    def make_request(
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str,
+        priority: int = 0,
+    ) -> Request:  # fmt: skip
+        """Tokenize and validate a request without touching engine state (it reads only what
+        never changes after build), so any thread may call it while a step runs."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, list(prompt)
         self._validate(ids, params)
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise InvalidRequest(f"request id {request_id!r} is already in use")
         req = Request(request_id, text, ids, params, self.tokenizer.eos_ids, priority)
         req.detokenizer = Detokenizer(self.tokenizer, params)
-        self.requests[request_id] = req
+        return req
+
+    def enqueue(self, req: Request) -> None:
+        """Hand a request from `make_request` to the scheduler (the engine's thread only)."""
+        if req.request_id in self.requests:
+            raise InvalidRequest(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
         self.scheduler.add(req)
-        return request_id
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -139,10 +208,10 @@ class Engine:
                 f"{total} tokens exceed the model's context length of {self.max_model_len}",
                 param="max_tokens",
             )
-        if self.runner.kv.blocks_needed(total) > self.runner.num_blocks:
+        if self.kv.blocks_needed(total) > self.kv.num_blocks:
             raise CapacityError(
                 f"the request needs {total} tokens of KV cache but it holds "
-                f"{self.runner.capacity_tokens}; raise --kv-cache-memory"
+                f"{self.capacity_tokens}; raise --kv-cache-memory"
             )
 
     def abort(self, request_id: str) -> bool:
@@ -157,7 +226,7 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
-        kv = self.runner.kv
+        kv = self.kv
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -185,29 +254,101 @@ class Engine:
         self._prompt_tokens_computed += sum(
             max(0, min(n, r.num_prompt_tokens - r.num_computed_tokens)) for r, n in out.scheduled
         )
-        sample_reqs, samples = self.runner.execute(out.scheduled)
-        self.scheduler.update_after_step(out)
-        outputs = []
-        for i, req in enumerate(sample_reqs):
-            self._append(req, samples.token_ids[i], samples.logprobs[i])
+        tables = {r.request_id: self.kv.block_ids(r.request_id) for r, _ in out.scheduled}
+        plan = build_plan(out.scheduled, tables, self.kv_spec.block_size)
+        logits = self.runner.execute(plan)
+        outputs = self._postprocess(plan, logits)
+        if self.proposer is not None:
+            self._propose()
+        return outputs
+
+    @staticmethod
+    def _sampling_rows(plan: StepPlan) -> list[SamplingRow]:
+        """One row per logits row: the position it draws and the tokens before it."""
+        rows = []
+        for s in plan.spans:
+            if not s.num_logits:
+                continue
+            r = s.req
+            tokens = r.all_token_ids + r.spec_token_ids if s.num_drafts else r.all_token_ids
+            for j in range(s.logits_from, s.num_rows):
+                rows.append(SamplingRow(r.params, r.seed, s.start + j + 1, r.prompt_token_ids,
+                                        tokens))  # fmt: skip
+        return rows
+
+    def _postprocess(self, plan: StepPlan, logits: torch.Tensor | None) -> list[RequestOutput]:
+        """Sample, verify drafts, append what was accepted, credit it, check stops."""
+        samples = self.sampler(logits, self._sampling_rows(plan)) if logits is not None else None
+        outputs, i = [], 0
+        for s in plan.spans:
+            req = s.req
+            if not s.num_logits:  # a prompt chunk: every row's KV is final
+                self.scheduler.commit(req, s.start + s.num_rows)
+                continue
+            sampled = samples.token_ids[i : i + s.num_logits]
+            logprobs = samples.logprobs[i : i + s.num_logits]
+            i += s.num_logits
+            tokens = rejection.verify(sampled, req.spec_token_ids[: s.num_drafts])
+            req.spec_token_ids = []
+            reason = self._append(req, tokens, logprobs)
+            # KV is valid up to the last accepted draft: rejected rows are neither credited nor
+            # published to the prefix cache.
+            computed = s.start + s.num_rows - (s.num_drafts - (len(tokens) - 1))
+            self.scheduler.commit(req, min(computed, req.num_tokens))
+            if reason:
+                self.scheduler.finish(req, reason)
             outputs.append(self._output(req))
             if req.finished:
                 del self.requests[req.request_id]
         return outputs
 
-    def _append(self, req: Request, token: int, logprobs) -> None:
-        req.append_token(token)
-        if req.logprobs is not None:
-            req.logprobs.append(logprobs)
-        reason = None
-        if token in req.stop_ids:
-            reason = "stop"
-        elif req.detokenizer.add(token):
-            reason = "stop"
-        elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason:
-            self.scheduler.finish(req, reason)
+    def _append(self, req: Request, tokens: list[int], logprobs) -> str | None:
+        """Append tokens one by one until one ends the request; returns the finish reason."""
+        for tok, lp in zip(tokens, logprobs):
+            req.append_token(tok)
+            if req.logprobs is not None:
+                req.logprobs.append(lp)
+            if tok in req.stop_ids or req.detokenizer.add(tok):
+                return "stop"
+            if (
+                req.num_output_tokens >= req.params.max_tokens
+                or req.num_tokens >= self.max_model_len
+            ):
+                return "length"
+        return None
+
+    def _propose(self) -> None:
+        for req in self.scheduler.running:
+            room = min(
+                req.params.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens
+            )
+            if req.num_computed_tokens == req.num_tokens - 1 and room > 1:
+                req.spec_token_ids = list(self.proposer.propose(req, room - 1))[: room - 1]
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+        """(T, V) logits at every position of one sequence, for evaluation and reference tests.
+
+        With `chunk`, the sequence runs as chunked prefill: each chunk attends to the earlier
+        ones through the KV cache, so the cache's storage (e.g. int8) shows in the logits.
+        Uses free KV blocks for the duration of the call and gives them back."""
+        n = len(token_ids)
+        # A tuple id: no client request (ids are strings) can ever share these blocks.
+        rid = ("prompt_logits", next(self._ids))
+        req = Request(rid, None, list(token_ids), SamplingParams(), frozenset())
+        if not self.kv.allocate_slots(rid, n):
+            raise CapacityError(f"{n} tokens do not fit the free KV cache")
+        out = []
+        try:
+            for start in range(0, n, chunk or n):
+                req.num_computed_tokens = start
+                size = min(chunk or n, n - start)
+                tables = {rid: self.kv.block_ids(rid)}
+                plan = build_plan([(req, size)], tables, self.kv_spec.block_size, all_logits=True)
+                out.append(self.runner.execute(plan))
+            return torch.cat(out)
+        finally:
+            self.kv.free(rid)
 
     def _output(self, req: Request) -> RequestOutput:
         done = req.finished

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import enum
+import secrets
 import time
-
-import torch
 
 from slimserve.sampling_params import SamplingParams
 
@@ -40,9 +39,11 @@ class Request:
         self.stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else eos_ids
         )
-        self.generator = (
-            torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        )
+        # The sampler's noise is a function of (seed, position): engine/noise.py.
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        # Draft tokens proposed for the next step (speculative decoding): scheduled after the
+        # last real token, verified, and only then appended (Engine._postprocess).
+        self.spec_token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.detokenizer = None  # set by the engine: text so far, stop strings
 

@@ -1,17 +1,77 @@
-"""Token selection: penalties, temperature, top-k, top-p, min-p, then a seeded draw.
+"""Token selection as a pipeline: logits processors (penalties now; a grammar mask or a logit
+bias plug in the same way), then temperature, top-k, top-p, min-p and a draw.
 
-Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which picks token i with
-probability p_i and needs no cumulative sum or host sync; each seeded request draws its noise from
-its own generator, so the same seed gives the same text whatever else shares the batch.
+A draw is the exponential race (argmax of p / E with E ~ Exp(1)), which picks token i with
+probability p_i and needs no cumulative sum or host sync. The noise E is counter-based
+(engine/noise.py): a pure function of the request's seed and the position being drawn, so the
+same seed gives the same text whatever else shares the batch, however the prompt was chunked,
+and with or without speculative decoding (engine/rejection.py).
+
+One row is one position to draw: a decoding request has one; a request verifying k drafts has
+k + 1, each with the history up to it (the drafts before it included).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from slimserve.engine.request import Request
+from slimserve.engine import noise
+from slimserve.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    params: SamplingParams
+    seed: int
+    position: int  # absolute position of the token this row draws
+    prompt_ids: list[int]
+    tokens: list[int]  # its first `position` entries come before the draw (prompt, output, drafts)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[len(self.prompt_ids) : self.position]
+
+
+class LogitsProcessor(Protocol):
+    """Changes the logits of some rows before selection; `applies` keeps the common batch free
+    of work (a processor that applies to no row is skipped)."""
+
+    def applies(self, row: SamplingRow) -> bool: ...
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor: ...
+
+
+class Penalties:
+    """vLLM/OpenAI semantics: repetition over prompt + output; presence/frequency over output."""
+
+    def applies(self, row: SamplingRow) -> bool:
+        return row.params.has_penalties
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        V = logits.shape[-1]
+        logits = logits.clone()
+        for i, r in enumerate(rows):
+            p = r.params
+            if not p.has_penalties:
+                continue
+            out_ids = torch.tensor(r.output_ids, dtype=torch.long)
+            counts = torch.bincount(out_ids, minlength=V)[:V].to(logits.dtype)
+            row = logits[i]
+            if p.repetition_penalty != 1.0:
+                seen = counts > 0
+                seen[torch.tensor(r.prompt_ids, dtype=torch.long)] = True
+                penalized = torch.where(
+                    row > 0, row / p.repetition_penalty, row * p.repetition_penalty
+                )
+                row = torch.where(seen, penalized, row)
+            row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(
+                row.dtype
+            )
+            logits[i] = row
+        return logits
 
 
 @dataclass(slots=True)
@@ -21,30 +81,62 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
-        """logits: (S, V) float32, one row per request in `reqs`."""
-        params = [r.params for r in reqs]
+    def __init__(self, processors: list[LogitsProcessor] | None = None):
+        self.processors = processors if processors is not None else [Penalties()]
+
+    def __call__(self, logits: torch.Tensor, rows) -> SamplerOutput:
+        """logits: (R, V) float32, one row per entry of `rows` (SamplingRows, or Requests, each
+        drawing its next token)."""
+        rows = as_rows(rows)
+        params = [r.params for r in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if any(p.has_penalties for p in params):
-            logits = apply_penalties(logits.clone(), reqs)
+        logits = self.process(logits, rows)
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, reqs)
+            tokens = self._sample(logits, rows)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, _gather_logprobs(raw_logprobs, token_ids, params))
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        params = [r.params for r in reqs]
-        greedy = torch.tensor([p.greedy for p in params])
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params])
+    def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The logits after every processor that applies to some row."""
+        for proc in self.processors:
+            if any(proc.applies(r) for r in rows):
+                logits = proc(logits, rows)
+        return logits
+
+    @staticmethod
+    def probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """(R, V) the distribution each row draws from (processed logits in; greedy rows are
+        one-hot at their argmax)."""
+        params = [r.params for r in rows]
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
         probs = filter_probs(logits / temps.unsqueeze(1), params)
-        noise = torch.empty_like(probs)
-        for i, r in enumerate(reqs):
-            noise[i].exponential_(generator=r.generator)
-        sampled = (probs / noise.clamp_min_(1e-10)).argmax(dim=-1)
+        greedy = torch.tensor([p.greedy for p in params])
+        if greedy.any():
+            one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+            probs = torch.where(greedy.unsqueeze(1), one_hot, probs)
+        return probs
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        params = [r.params for r in rows]
+        greedy = torch.tensor([p.greedy for p in params])
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
+        probs = filter_probs(logits / temps.unsqueeze(1), params)
+        keys = [noise.key(r.seed, r.position, noise.DRAW) for r in rows]
+        sampled = (probs / noise.exponential(keys, probs.shape[1], probs.device)).argmax(dim=-1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+def as_rows(rows) -> list[SamplingRow]:
+    """SamplingRows as they are; a Request draws its next token after everything it holds."""
+    out = []
+    for r in rows:
+        if not isinstance(r, SamplingRow):
+            r = SamplingRow(r.params, r.seed, r.num_tokens, r.prompt_token_ids, r.all_token_ids)
+        out.append(r)
+    return out
 
 
 def filter_probs(logits: torch.Tensor, params) -> torch.Tensor:
@@ -69,26 +161,6 @@ def filter_probs(logits: torch.Tensor, params) -> torch.Tensor:
         floor = torch.tensor(min_p).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
     return probs
-
-
-def apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """vLLM/OpenAI semantics: repetition over prompt + output; presence/frequency over output."""
-    V = logits.shape[-1]
-    for i, r in enumerate(reqs):
-        p = r.params
-        if not p.has_penalties:
-            continue
-        out_ids = torch.tensor(r.output_token_ids, dtype=torch.long)
-        counts = torch.bincount(out_ids, minlength=V)[:V].to(logits.dtype)
-        row = logits[i]
-        if p.repetition_penalty != 1.0:
-            seen = counts > 0
-            seen[torch.tensor(r.prompt_token_ids, dtype=torch.long)] = True
-            penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-            row = torch.where(seen, penalized, row)
-        row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
-        logits[i] = row
-    return logits
 
 
 def _gather_logprobs(raw: torch.Tensor | None, token_ids: list[int], params):

@@ -1,9 +1,11 @@
 """Continuous batching by token budget.
 
 No prefill or decode phases: every request has `num_computed_tokens` catching up with
-`num_tokens`, and each step hands out up to `max_num_batched_tokens` tokens, running requests
-first (a decode costs 1), then waiting ones (a prompt, or a chunk of it). When KV blocks run out
-the latest, lowest-priority running request is preempted: its blocks are freed and it is
+`num_tokens` (plus any draft tokens proposed after them), and each step hands out up to
+`max_num_batched_tokens` tokens, running requests first (a decode costs 1, a verify of k drafts
+k + 1), then waiting ones (a prompt, or a chunk of it). Tokens are credited only after the step,
+up to what was accepted (`commit`): a rejected draft is never credited nor cached. When KV blocks
+run out the latest, lowest-priority running request is preempted: its blocks are freed and it is
 recomputed later (its output does not change).
 """
 
@@ -19,12 +21,19 @@ from slimserve.kv_cache.manager import KVCacheManager
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens)
+    """What runs this step: each request with its number of new rows (drafts included), in the
+    order chosen; and who gave way."""
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new rows)
     preempted: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(n for _, n in self.scheduled)
+
+    @property
+    def num_scheduled_tokens(self) -> dict[str, int]:
+        return {r.request_id: n for r, n in self.scheduled}
 
 
 def _order(req: Request):
@@ -52,7 +61,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 victim = max(self.running[i:], key=_order)
                 self._preempt(victim)
@@ -84,16 +93,17 @@ class Scheduler:
             budget -= n
         return out
 
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Credit the computed tokens and publish newly full blocks to the prefix cache."""
-        for req, n in out.scheduled:
-            req.num_computed_tokens += n
-            self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+    def commit(self, req: Request, num_computed: int) -> None:
+        """Credit `req` with KV for its first `num_computed` tokens (those accepted: every token
+        is in `all_token_ids` by now) and publish its newly full blocks to the prefix cache."""
+        req.num_computed_tokens = num_computed
+        self.kv.cache_full_blocks(req.request_id, req.all_token_ids, num_computed)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.num_preemptions += 1

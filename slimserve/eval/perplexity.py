@@ -25,12 +25,12 @@ def perplexity(llm, ids: list[int], window: int = 1024, stride: int = 512, chunk
     """(perplexity, tokens scored) of `ids`."""
     if stride < 1 or window < 2 or stride > window:
         raise ValueError(f"need 1 <= stride <= window and window >= 2, got {stride=}, {window=}")
-    runner = llm.engine.runner
+    engine = llm.engine
     nll, scored, done = 0.0, 0, 1  # token 0 has nothing to be predicted from
     for begin in range(0, len(ids), stride):
         end = min(begin + window, len(ids))
         with torch.inference_mode():
-            logits = runner.prompt_logits(ids[begin:end], chunk=chunk)
+            logits = engine.prompt_logits(ids[begin:end], chunk=chunk)
         first = max(done, begin + 1)
         targets = torch.tensor(ids[first:end])
         logp = torch.log_softmax(logits[first - 1 - begin : end - 1 - begin].float(), dim=-1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -127,9 +128,37 @@ def row_kind(dtype: torch.dtype) -> int:
 
 
 def available(kernel: str | None = None) -> bool:
-    """Whether the native kernels (or one of KERNELS) run in this process: built, loaded and not
-    turned off."""
+    """Whether the native kernels (or one of KERNELS) can run in this process: built, loaded and
+    not turned off. Asked when something is built, never per step."""
     return _enabled and kernel not in _turned_off and _load() is not None
+
+
+def chosen(names: tuple[str, ...], enabled: bool = True) -> frozenset[str]:
+    """Which of a module's kernels `names` it runs: those available, when `enabled`."""
+    return frozenset(k for k in names if enabled and available(k))
+
+
+def select(model: torch.nn.Module, enabled: bool) -> None:
+    """Settle, for every module of `model` with native paths (a class attribute NATIVE naming its
+    kernels), which of them it runs: its `native` set. The engine calls this once at build."""
+    for m in model.modules():
+        names = getattr(type(m), "NATIVE", None)
+        if names:
+            m.native = chosen(names, enabled)
+
+
+@contextmanager
+def without(module: torch.nn.Module, *names: str):
+    """Run `module` and its submodules with the kernels `names` (every one when none is named)
+    turned off, then restore their choice: for A/B tests and benchmarks of one module."""
+    saved = {m: m.native for m in module.modules() if getattr(type(m), "NATIVE", None)}
+    try:
+        for m in saved:
+            m.native = m.native - set(names) if names else frozenset()
+        yield
+    finally:
+        for m, native in saved.items():
+            m.native = native
 
 
 # The decode-attention kernel keeps one (sequence, KV head)'s accumulators on the stack.
@@ -314,6 +343,7 @@ __all__ = [
     "KERNELS",
     "add_rms_norm",
     "available",
+    "chosen",
     "decode_attention_supports",
     "decode_layers",
     "decode_scratch_bytes",
@@ -326,7 +356,9 @@ __all__ = [
     "paged_decode_attention",
     "rope_",
     "row_kind",
+    "select",
     "set_enabled",
     "silu_mul",
+    "without",
     "write_kv",
 ]

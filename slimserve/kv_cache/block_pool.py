@@ -2,6 +2,9 @@
 
 Freed blocks keep their contents (and, with prefix caching, their hash) until the pool hands them
 out again, oldest-freed first; so a block can be revived by a later cache hit for free.
+
+Block ids run from 1 to num_blocks: id 0 is the null block (NULL_BLOCK), which the cache tensors
+hold but the pool never hands out; block tables are padded with it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: int | None = None
+        self.block_hash: bytes | None = None
         self.key: tuple | None = None  # (parent hash, token ids): verifies a hash hit
         self.prev: Block | None = None
         self.next: Block | None = None
@@ -57,11 +60,14 @@ class FreeBlockQueue:
             b = b.next
 
 
+NULL_BLOCK = 0
+
+
 class BlockPool:
     def __init__(self, num_blocks: int):
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks = [Block(i) for i in range(NULL_BLOCK + 1, NULL_BLOCK + 1 + num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
-        self.cached: dict[int, Block] = {}  # block hash -> block holding those tokens
+        self.cached: dict[bytes, Block] = {}  # block hash -> block holding those tokens
 
     @property
     def num_blocks(self) -> int:
@@ -99,11 +105,17 @@ class BlockPool:
             if b.ref_cnt == 0:
                 self.free_queue.append(b)
 
-    def cache(self, b: Block, block_hash: int, key: tuple) -> None:
+    def cache(self, b: Block, block_hash: bytes, key: tuple) -> None:
         if b.block_hash is not None:
             return  # already published (e.g. it came from a hit)
         b.block_hash, b.key = block_hash, key
         self.cached.setdefault(block_hash, b)
 
-    def lookup(self, block_hash: int) -> Block | None:
+    def lookup(self, block_hash: bytes) -> Block | None:
         return self.cached.get(block_hash)
+
+    def forget_cached(self) -> None:
+        """Drop every cached identity (blocks keep their contents and references)."""
+        for b in self.blocks:
+            b.block_hash = b.key = None
+        self.cached.clear()

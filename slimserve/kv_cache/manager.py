@@ -1,8 +1,9 @@
 """Which KV blocks each request holds, and the prefix cache over them.
 
-The scheduler talks to this, never to the pool. Full blocks are identified by a chained hash:
-hash(parent block's hash, this block's token ids), rooted in a salt for whatever else shapes the
-KV (the model). A hit is verified against the stored (parent hash, tokens) key, then shared by
+The scheduler talks to this, never to the pool. Full blocks are identified by a chained hash
+(kv_cache/hashing.py): a digest of the parent block's hash and this block's token ids, rooted in a
+salt for whatever else shapes the KV (model file, KV dtype, block size, quantization), the same in
+every process. A hit is verified against the stored (parent hash, tokens) key, then shared by
 reference. Blocks freed by a finished request stay cached until the pool reuses them (LRU).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimserve.kv_cache.block_pool import Block, BlockPool
+from slimserve.kv_cache.hashing import hash_block, kv_salt
 
 
 @dataclass(slots=True)
@@ -33,14 +35,14 @@ class KVCacheManager:
         num_blocks: int,
         block_size: int,
         enable_prefix_caching: bool = True,
-        salt: object = None,
+        salt: bytes | None = None,
     ):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self.req_blocks: dict[str, list[Block]] = {}
-        self.req_hashes: dict[str, list[int]] = {}  # chained hashes of a request's full blocks
-        self.root = hash(("slimserve-kv", salt))
+        self.req_hashes: dict[str, list[bytes]] = {}  # chained hashes of its full blocks
+        self.root = salt if salt is not None else kv_salt(block_size)
         self.stats = CacheStats()
 
     @property
@@ -54,7 +56,8 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _key(self, parent: int, tokens: list[int]) -> tuple[int, tuple[int, ...]]:
+    @staticmethod
+    def _key(parent: bytes, tokens: list[int]) -> tuple[bytes, tuple[int, ...]]:
         return parent, tuple(tokens)
 
     def find_prefix(self, token_ids: list[int]) -> PrefixHit:
@@ -66,9 +69,9 @@ class KVCacheManager:
             return hit
         bs, parent = self.block_size, self.root
         for i in range((len(token_ids) - 1) // bs):
-            key = self._key(parent, token_ids[i * bs : (i + 1) * bs])
-            block = self.pool.lookup(hash(key))
-            if block is None or block.key != key:
+            tokens = token_ids[i * bs : (i + 1) * bs]
+            block = self.pool.lookup(hash_block(parent, tokens))
+            if block is None or block.key != self._key(parent, tokens):
                 break
             hit.blocks.append(block)
             parent = block.block_hash
@@ -107,9 +110,10 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(hashes), num_computed // bs):
             parent = hashes[-1] if hashes else self.root
-            key = self._key(parent, token_ids[i * bs : (i + 1) * bs])
-            self.pool.cache(blocks[i], hash(key), key)
-            hashes.append(hash(key))
+            tokens = token_ids[i * bs : (i + 1) * bs]
+            digest = hash_block(parent, tokens)
+            self.pool.cache(blocks[i], digest, self._key(parent, tokens))
+            hashes.append(digest)
 
     def record_lookup(self, num_prompt_tokens: int, hit: PrefixHit) -> None:
         self.stats.queries += num_prompt_tokens
@@ -117,9 +121,7 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use keep their contents; none is freed)."""
-        for b in self.pool.blocks:
-            b.block_hash = b.key = None
-        self.pool.cached.clear()
+        self.pool.forget_cached()
         for hashes in self.req_hashes.values():
             hashes.clear()
 

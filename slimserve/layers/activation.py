@@ -8,13 +8,19 @@ from slimserve import kernels
 class SiluAndMul(nn.Module):
     """silu(gate) * up over a packed (..., 2 * d) input."""
 
+    NATIVE = ("silu_mul",)
+
+    def __init__(self):
+        super().__init__()
+        self.native = kernels.chosen(self.NATIVE)  # settled again at build: kernels.select
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            x.dtype == torch.float32
+            self.native
+            and x.dtype == torch.float32
             and x.device.type == "cpu"
             and x.dim() == 2
             and x.stride(1) == 1
-            and kernels.available("silu_mul")
         ):
             return kernels.silu_mul(x)
         gate, up = x.chunk(2, dim=-1)

@@ -2,18 +2,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.engine.forward_context import get_forward_context
 from slimserve.layers.linear import Linear
 
 
 class LMHead(Linear):
-    """Logits only for the rows the sampler needs (one per sequence that caught up this step)."""
+    """(R, hidden) -> (R, V) logits; the runner passes only the rows that need them."""
 
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__(hidden_size, [vocab_size])
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden[get_forward_context().logits_indices])  # (S, V)
 
 
 class VocabEmbedding(nn.Module):

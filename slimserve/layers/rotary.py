@@ -23,8 +23,11 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    NATIVE = ("rope",)
+
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None):
         super().__init__()
+        self.native = kernels.chosen(self.NATIVE)  # settled again at build: kernels.select
         inv_freq = 1.0 / (
             theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
         )
@@ -52,13 +55,8 @@ class RotaryEmbedding(nn.Module):
             return None, None, positions
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1), positions
 
-    @staticmethod
-    def _native(t: torch.Tensor) -> bool:
-        return t.dtype == torch.float32 and t.device.type == "cpu" and kernels.available("rope")
-
-    def forward(self, rope, q: torch.Tensor, k: torch.Tensor):
-        """q: (T, H, D), k: (T, Hkv, D); rope from `table`."""
-        return self.rotate(rope, q), self.rotate(rope, k)
+    def _native(self, t: torch.Tensor) -> bool:
+        return bool(self.native) and t.dtype == torch.float32 and t.device.type == "cpu"
 
     def rotate(self, rope, x: torch.Tensor) -> torch.Tensor:
         """x: (T, heads, D) -> x rotated by its token's position; rope from `table`. The native

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from abc import ABC, abstractmethod
@@ -46,6 +47,28 @@ class ModelSource(ABC):
         """Block formats the file stores weights in (GGUF type names); empty when the checkpoint
         is not a GGUF file."""
         return set()
+
+    def identity(self) -> str:
+        """A stable identity of the weights, the same in any process: each file's name, size
+        and a digest of its first and last 64 KiB (cheap; the KV cache's hashes are salted
+        with it, kv_cache/hashing.py)."""
+        if os.path.isdir(self.path):
+            names = sorted(
+                n for n in os.listdir(self.path)
+                if n == "config.json" or n.endswith(".safetensors")
+            )  # fmt: skip
+            files = [os.path.join(self.path, n) for n in names]
+        else:
+            files = [self.path]
+        digest = hashlib.blake2b(digest_size=16)
+        for f in files:
+            size = os.path.getsize(f)
+            digest.update(f"{os.path.basename(f)}:{size}:".encode())
+            with open(f, "rb") as fh:
+                digest.update(fh.read(1 << 16))
+                fh.seek(max(0, size - (1 << 16)))
+                digest.update(fh.read(1 << 16))
+        return f"{self.name}:{digest.hexdigest()}"
 
     @abstractmethod
     def tokenizer(self):

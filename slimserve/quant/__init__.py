@@ -24,14 +24,13 @@ from slimserve.loader.resolve import QuantizedTensor
 from slimserve.quant import gguf_blocks
 from slimserve.quant.int4 import (
     Int4Linear,
-    Int4LMHead,
     PackedEmbedding,
     int4_as_doubled,
     int8_as_int4,
     quantize_int4,
     quantize_int8,
 )
-from slimserve.quant.int8 import Int8Linear, Int8LMHead
+from slimserve.quant.int8 import Int8Linear
 
 METHODS = ("gguf", "int4", "int8")
 GROUP_SIZES = (32, 64, 128)
@@ -79,14 +78,20 @@ def keep_types(method: str | None) -> frozenset[str]:
     return frozenset(gguf_blocks.SUPPORTED) if method == "gguf" else frozenset()
 
 
+# What a collector's matrix is for: the LM head and embedding tables get 8 bits where a layer
+# would get 4, and may be held one byte a weight.
+LINEAR, HEAD, TABLE = "linear", "head", "table"
+
+
 class _Pending(nn.Module):
     """Collects one Linear's shards as they load; `build` packs them."""
 
-    def __init__(self, linear: Linear, method: str, group: int, cls=Int4Linear):
+    def __init__(self, linear: Linear, method: str, group: int, role: str = LINEAR):
         super().__init__()
         in_features = linear.in_features
         self.in_features, self.output_sizes = in_features, linear.output_sizes
-        self.method, self.cls = method, cls
+        self.method, self.role = method, role
+        self.native = True  # whether native kernels may run it: set by `finalize`
         # The requested group, or the largest smaller one that tiles this layer's inputs (a
         # hidden size of 576 takes groups of 64, not 128); 0 when none does.
         self.group = next((g for g in GROUP_SIZES[::-1] if g <= group and not in_features % g), 0)
@@ -111,7 +116,7 @@ class _Pending(nn.Module):
             if t.kind in gguf_blocks.EIGHT_BIT:
                 return ("8", *gguf_blocks.decode_q8_0(t.blocks, t.shape[1]))
             return ("4", *gguf_blocks.decode_4bit(t.kind, t.blocks, t.shape[1]))
-        if self.method == "int4" and self.cls is Int4Linear:
+        if self.method == "int4" and self.role == LINEAR:
             return ("4", *quantize_int4(t.float(), self.group))
         # int8 otherwise: also int4's LM head and embedding, which the quality hangs on most (as
         # llama.cpp's Q4_K_M keeps its output matrix at 6 bits)
@@ -122,12 +127,11 @@ class _Pending(nn.Module):
         if not self.group:  # the kernel's groups can't tile K: stay in float
             return self._as_float(shards)
         parts = [self._groups(t) for t in shards]
-        if self.cls is not Int4Linear and all(p[0] == "8" for p in parts):
+        if self.role != LINEAR and all(p[0] == "8" for p in parts):
             # the LM head or an embedding table, 8-bit: one byte a weight where the kernel runs
             q, d = (torch.cat(x) for x in zip(*(p[1:] for p in parts)))
-            if Int8Linear.takes(q, d):
-                cls = Int8LMHead if self.cls is Int4LMHead else Int8Linear
-                return cls(
+            if Int8Linear.takes(q, d, self.native):
+                return Int8Linear(
                     q,
                     d,
                     in_features=self.in_features,
@@ -139,7 +143,7 @@ class _Pending(nn.Module):
         else:
             parts = [p[1:] for p in parts]
         codes, scale, zero = (torch.cat(x) for x in zip(*parts))
-        return self.cls(
+        return Int4Linear(
             codes,
             scale,
             zero,
@@ -151,7 +155,7 @@ class _Pending(nn.Module):
     def _as_float(self, shards) -> nn.Module:
         if any(isinstance(t, QuantizedTensor) for t in shards):
             raise InvalidRequest(f"in_features {self.in_features} is not a multiple of 32")
-        if self.cls is Int4Linear:
+        if self.role == LINEAR:
             lin = Linear(self.in_features, self.output_sizes, bias=self.bias is not None)
         else:  # the LM head or an embedding table: (vocab, hidden)
             lin = LMHead(self.output_sizes[0], self.in_features)
@@ -183,7 +187,7 @@ def prepare(model: nn.Module, method: str, group: int = 32) -> None:
     heads = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, LMHead):
-            heads[module] = _Pending(module, method, group, Int4LMHead)
+            heads[module] = _Pending(module, method, group, HEAD)
             _swap(model, name, heads[module])
         elif isinstance(module, Linear):
             _swap(model, name, _Pending(module, method, group))
@@ -193,21 +197,19 @@ def prepare(model: nn.Module, method: str, group: int = 32) -> None:
                 _swap(model, name, _PendingTiedEmbedding(heads[module.tied_head]))
             else:
                 table = Linear(module.weight.shape[1], [module.weight.shape[0]])
-                _swap(model, name, _Pending(table, method, group, _EmbeddingTable))
+                _swap(model, name, _Pending(table, method, group, TABLE))
 
 
-class _EmbeddingTable(Int4Linear):
-    """An untied embedding's own packed table (built by `_Pending`, wrapped by `finalize`)."""
-
-
-def finalize(model: nn.Module) -> nn.Module:
+def finalize(model: nn.Module, native: bool = True) -> nn.Module:
     """After loading: collectors become packed modules; embeddings read their packed table (a
-    tied one, the head's). A layer whose width the kernel's groups can't tile stays float."""
+    tied one, the head's). A layer whose width the kernel's groups can't tile stays float.
+    `native` False keeps layouts the PyTorch kernels read (no one-byte 8-bit tables)."""
     built = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, _Pending):
+            module.native = native
             built[module] = new = module.build()
-            if module.cls is _EmbeddingTable:
+            if module.role == TABLE:
                 new = _embedding(new, tied=False)
             _swap(model, name, new)
     for name, module in list(model.named_modules()):

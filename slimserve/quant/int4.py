@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from slimserve import kernels
-from slimserve.engine.forward_context import get_forward_context
 
 BLOCK_N = 64  # the packed layout interleaves output rows in tiles of 64 (see `_rows_codes`)
 _pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
@@ -79,8 +78,11 @@ class Int4Linear(nn.Module):
 
     codes uint8 (N, K'), scale/zero f32 (N, K' / group); output_sizes as in Linear."""
 
+    NATIVE = ("int4_matmul", "int4_rows")
+
     def __init__(self, codes, scale, zero, *, in_features: int, output_sizes, bias=None):
         super().__init__()
+        self.native = kernels.chosen(self.NATIVE)  # settled again at build: kernels.select
         N, Kp = codes.shape
         self.in_features, self.output_sizes = in_features, list(output_sizes)
         self.out_features, self.doubled = N, Kp == 2 * in_features
@@ -97,7 +99,7 @@ class Int4Linear(nn.Module):
         self.eight_bit = self.doubled and _pure_8bit(self.scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and x.device.type == "cpu" and kernels.available("int4_matmul"):
+        if "int4_matmul" in self.native and x.dtype == torch.float32 and x.device.type == "cpu":
             y = kernels.int4_matmul(
                 x,
                 self.packed,
@@ -131,7 +133,7 @@ class Int4Linear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows `ids`, (T, in_features) fp32: a tied embedding's lookup."""
-        if ids.dtype == torch.int64 and ids.device.type == "cpu" and kernels.available("int4_rows"):
+        if "int4_rows" in self.native and ids.dtype == torch.int64 and ids.device.type == "cpu":
             return kernels.int4_rows(
                 ids, self.packed, self.scales_zeros, self.group, self.doubled, self.in_features
             )
@@ -141,11 +143,6 @@ class Int4Linear(nn.Module):
         w = (codes.view(T, -1, self.group) - 8) * sz[..., 0].t().unsqueeze(-1)
         w = (w + sz[..., 1].t().unsqueeze(-1)).view(T, Kp)
         return w[:, : self.in_features] + w[:, self.in_features :] if self.doubled else w
-
-
-class Int4LMHead(Int4Linear):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden[get_forward_context().logits_indices])
 
 
 class PackedEmbedding(nn.Module):

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from slimserve import kernels
-from slimserve.engine.forward_context import get_forward_context
 from slimserve.quant.int4 import BLOCK_N, Int4Linear, int8_as_int4
 
 GROUP = 32  # inputs per scale
@@ -27,8 +26,11 @@ GROUP = 32  # inputs per scale
 class Int8Linear(nn.Module):
     """y = x W^T (+ b) for int8 codes q (N, K) with scales d (N, K / 32): W = q d."""
 
+    NATIVE = ("int8_matmul", "int8_rows")
+
     def __init__(self, q, d, *, in_features: int, output_sizes, bias=None):
         super().__init__()
+        self.native = kernels.chosen(self.NATIVE)  # settled again at build: kernels.select
         N, K = q.shape
         self.in_features, self.out_features = in_features, N
         self.output_sizes = list(output_sizes)
@@ -45,11 +47,13 @@ class Int8Linear(nn.Module):
         self._fallback: list[Int4Linear] = []  # a list: not registered, not counted as resident
 
     @staticmethod
-    def takes(q: torch.Tensor, d: torch.Tensor) -> bool:
-        """Whether the native kernel runs these codes: it is built here, the scales are per 32
-        inputs, and no code is -128 (kernels/int8_matmul.c says why)."""
+    def takes(q: torch.Tensor, d: torch.Tensor, native: bool = True) -> bool:
+        """Whether the native kernel runs these codes: native kernels are on (`native`), it is
+        built here, the scales are per 32 inputs, and no code is -128 (kernels/int8_matmul.c
+        says why)."""
         return (
-            kernels.available("int8_matmul")
+            native
+            and kernels.available("int8_matmul")
             and kernels.int8_built()
             and q.shape[1] % GROUP == 0
             and d.shape[1] * GROUP == q.shape[1]
@@ -57,7 +61,7 @@ class Int8Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and x.device.type == "cpu" and kernels.available("int8_matmul"):
+        if "int8_matmul" in self.native and x.dtype == torch.float32 and x.device.type == "cpu":
             y = kernels.int8_matmul(x, self.codes, self.scales, self.out_features, self.bias)
             if y is not None:
                 return y
@@ -83,14 +87,10 @@ class Int8Linear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows `ids`, (T, in_features) fp32: an embedding's lookup."""
-        if ids.dtype == torch.int64 and ids.device.type == "cpu" and kernels.available("int8_rows"):
+        if "int8_rows" in self.native and ids.dtype == torch.int64 and ids.device.type == "cpu":
             return kernels.int8_rows(ids, self.codes, self.scales, self.in_features)
         T, K = ids.shape[0], self.in_features
         u = self.codes[ids // BLOCK_N, :, ids % BLOCK_N, :].reshape(T, K)
         d = self.scales[:, ids].t().float()  # (T, K / 32)
         return ((u.to(torch.int32) - 128).float().view(T, -1, GROUP) * d.unsqueeze(-1)).view(T, K)
 
-
-class Int8LMHead(Int8Linear):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden[get_forward_context().logits_indices])

@@ -6,6 +6,10 @@ Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, mapp
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -72,10 +76,38 @@ class Server:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+def build_app(
+    make_engine: Callable,
+    served_name: str | None = None,
+    api_key: str | None = None,
+    max_queue: int | None = None,
+) -> FastAPI:
+    """The app factory: an app whose lifespan builds the engine (`make_engine` returns an
+    Engine; it runs on the engine's own thread) at startup and stops it at shutdown, so any
+    ASGI host can run or mount it (uvicorn here, Ray Serve's ingress later)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine = AsyncEngine(make_engine, max_queue=max_queue)
+        name = served_name or os.path.splitext(async_engine.engine.model_name)[0]
+        app.state.server = Server(async_engine, name, api_key)
+        try:
+            yield
+        finally:
+            async_engine.shutdown()
+
+    return _app(lifespan)
+
+
 def create_app(async_engine: AsyncEngine, served_name: str, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="slimserve", docs_url=None, redoc_url=None)
-    srv = Server(async_engine, served_name, api_key)
-    app.state.server = srv
+    """An app over an engine that is already running (its owner shuts it down)."""
+    app = _app(None)
+    app.state.server = Server(async_engine, served_name, api_key)
+    return app
+
+
+def _app(lifespan) -> FastAPI:
+    app = FastAPI(title="slimserve", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -105,6 +137,7 @@ def create_app(async_engine: AsyncEngine, served_name: str, api_key: str | None 
         return _error(exc.status_code, str(exc.detail), "invalid_request_error")
 
     def authorize(request: Request) -> None:
+        srv: Server = app.state.server  # set when the app was built
         if srv.api_key is None:
             return
         if request.headers.get("authorization", "") != f"Bearer {srv.api_key}":
@@ -114,16 +147,19 @@ def create_app(async_engine: AsyncEngine, served_name: str, api_key: str | None 
 
     @app.get("/health")
     async def health():
+        srv: Server = app.state.server  # set when the app was built
         if srv.engine.errored is not None:
             return _error(503, "the engine has stopped", "internal_error")
         return PlainTextResponse("ok")
 
     @app.get("/metrics")
     async def metrics():
+        srv: Server = app.state.server  # set when the app was built
         return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
+        srv: Server = app.state.server  # set when the app was built
         return {
             "object": "list",
             "data": [
@@ -139,6 +175,7 @@ def create_app(async_engine: AsyncEngine, served_name: str, api_key: str | None 
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        srv: Server = app.state.server  # set when the app was built
         srv.check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = srv.tokenizer.encode(srv.tokenizer.apply_chat_template(messages))
@@ -148,6 +185,7 @@ def create_app(async_engine: AsyncEngine, served_name: str, api_key: str | None 
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request):
+        srv: Server = app.state.server  # set when the app was built
         srv.check_model(body.model)
         prompts = [srv.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
         ids, params = [], []

@@ -1,4 +1,4 @@
-"""The native decode step (engine/decode_step.py) against the model's modules.
+"""The native decode step (backends/native_step.py) against the model's modules.
 
 Both paths call the same kernels in the same order, so a step's logits must be identical bit for
 bit, whatever the KV cache's format, the batch, and the sequences' lengths."""
@@ -33,6 +33,7 @@ def _logits_of(llm: LLM, prompts, native: bool, max_tokens: int = 24):
         return logits[-1]
 
     kernels.set_enabled(native, "decode_step")
+    llm.engine.use_kernels(True)  # kernels are chosen at build: rebuild with the switch
     model.compute_logits = record
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -40,6 +41,7 @@ def _logits_of(llm: LLM, prompts, native: bool, max_tokens: int = 24):
     finally:
         del model.compute_logits
         kernels.set_enabled(True, "decode_step")
+        llm.engine.use_kernels(True)
     return logits, [o.outputs[0].token_ids for o in outs]
 
 

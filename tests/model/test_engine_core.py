@@ -61,7 +61,7 @@ def test_mixed_batch_equals_each_request_alone(llm, cold_llm):
 
 
 def test_prefix_cache_hit_gives_the_cold_output(llm, cold_llm):
-    kv = llm.engine.runner.kv
+    kv = llm.engine.kv
     first, second = chat_ids(llm, "When do you open?"), chat_ids(llm, "Who wrote Dracula?")
     llm.generate([first], greedy(4))
     hits_before = kv.stats.hits
@@ -73,7 +73,7 @@ def test_prefix_cache_hit_gives_the_cold_output(llm, cold_llm):
 
 
 def test_identical_prompt_recomputes_only_the_last_token(llm):
-    kv = llm.engine.runner.kv
+    kv = llm.engine.kv
     ids = chat_ids(llm, "Identical prompt test " * 3)
     a = llm.generate([ids], greedy(8))[0].outputs[0]
     before = kv.stats.hits
@@ -83,7 +83,7 @@ def test_identical_prompt_recomputes_only_the_last_token(llm):
 
 
 def test_divergent_and_partial_block_prefixes(llm, cold_llm):
-    kv = llm.engine.runner.kv
+    kv = llm.engine.kv
     base = llm.tokenizer.encode("Alpha beta gamma delta epsilon zeta eta theta iota kappa " * 4)
     assert len(base) >= 45
     llm.generate([base[:45]], greedy(2))  # caches 2 full blocks (32 tokens); the third is partial
@@ -113,10 +113,8 @@ def test_chunked_prefill_with_a_tiny_budget(gguf_path, llm):
 
 
 def block_bytes(llm) -> int:
-    from slimserve.engine.model_runner import kv_bytes_per_token
-
-    runner = llm.engine.runner
-    return runner.block_size * kv_bytes_per_token(llm.engine.model_config, runner.kv_dtype)
+    spec = llm.engine.kv_spec
+    return spec.block_size * spec.bytes_per_token
 
 
 def test_preemption_under_a_tiny_kv_budget_keeps_outputs(gguf_path, llm):
@@ -137,7 +135,7 @@ def test_preemption_under_a_tiny_kv_budget_keeps_outputs(gguf_path, llm):
     assert [o.outputs[0].token_ids for o in outs] == [
         o.token_ids for o in solo(llm, prompts, params)
     ]
-    assert small.engine.runner.kv.num_free_blocks == 48
+    assert small.engine.kv.num_free_blocks == 48
 
 
 def test_request_that_can_never_fit_is_refused(gguf_path, llm):
@@ -155,7 +153,7 @@ def test_request_that_can_never_fit_is_refused(gguf_path, llm):
 
 
 def test_abort_anywhere_frees_every_block(llm):
-    engine, kv = llm.engine, llm.engine.runner.kv
+    engine, kv = llm.engine, llm.engine.kv
     assert kv.num_free_blocks == kv.num_blocks
     # A system prompt no other test uses, so no block of it is cached.
     long_prompt = chat_ids(llm, "Summarise the printing press.", system="Abort test. " * 200)
@@ -189,8 +187,6 @@ def test_stats_move(llm):
 def test_cascade_attention_over_a_shared_prefix_keeps_outputs(llm, cold_llm):
     """Decoding requests that share cached prefix blocks attend to them once (cascade); each
     output must equal the request run alone without any prefix cache."""
-    from slimserve.engine import model_runner
-
     system = "Cascade test system prompt about gardening and soil. " * 12
     prompts = [
         chat_ids(llm, q, system)
@@ -198,7 +194,8 @@ def test_cascade_attention_over_a_shared_prefix_keeps_outputs(llm, cold_llm):
     ]
     llm.generate(prompts[:1], greedy(1))  # warm the prefix cache so the batch shares blocks
     groups = []
-    real = model_runner.ModelRunner._decode_group
+    backend = type(llm.engine.runner.backend)
+    real = backend._decode_group
 
     def spy(self, *a):
         g = real(self, *a)
@@ -206,11 +203,11 @@ def test_cascade_attention_over_a_shared_prefix_keeps_outputs(llm, cold_llm):
             groups.append(g)
         return g
 
-    model_runner.ModelRunner._decode_group = spy
+    backend._decode_group = spy
     try:
         batch = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(16))]
     finally:
-        model_runner.ModelRunner._decode_group = real
+        backend._decode_group = real
     assert groups and groups[0].num_seqs == 4 and groups[0].shared_len >= 4 * 16
     assert batch == [o.token_ids for o in solo(cold_llm, prompts, [greedy(16)] * 4)]
 
@@ -232,12 +229,14 @@ def test_native_decode_attention_gives_the_pytorch_output(llm, monkeypatch):
     native = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(20))]
     assert calls
     kernels.set_enabled(False)
+    llm.engine.use_kernels(True)  # kernels are chosen at build: rebuild on the PyTorch paths
     try:
         calls.clear()
         reference = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(20))]
         assert not calls
     finally:
         kernels.set_enabled(True)
+        llm.engine.use_kernels(True)
     assert native == reference
 
 

@@ -93,7 +93,7 @@ def test_logprobs_returned(llm):
 
 
 def test_blocks_are_freed_after_generation(llm):
-    kv = llm.engine.runner.kv
+    kv = llm.engine.kv
     before = kv.num_free_blocks
     llm.chat(CHAT, SamplingParams(max_tokens=8, temperature=0.0))
     assert kv.num_free_blocks == before == kv.num_blocks

@@ -39,7 +39,7 @@ def test_logits_match_transformers(llm, hf_model, hf_tokenizer, prompt):
     ids = hf_tokenizer(prompt, add_special_tokens=False).input_ids
     if prompt is PROMPTS[-1]:
         assert len(ids) >= 1000
-    ours = llm.engine.runner.prompt_logits(ids)
+    ours = llm.engine.prompt_logits(ids)
     ref = hf_logits(hf_model, ids)
     assert ours.shape == ref.shape
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))

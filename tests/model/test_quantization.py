@@ -77,11 +77,8 @@ def test_packed_linear_against_dequantized_fp32(kinds):
     assert (lin.rows(ids) - w[ids]).abs().max() <= 2e-2 * w.abs().max()
     # The native lookup (kernels.int4_rows) gives the PyTorch path's rows bit for bit.
     if kernels.available("int4_rows"):
-        kernels.set_enabled(False, "int4_rows")
-        try:
+        with kernels.without(lin, "int4_rows"):
             reference_rows = lin.rows(ids)
-        finally:
-            kernels.set_enabled(True, "int4_rows")
         assert torch.equal(lin.rows(ids), reference_rows)
 
 
@@ -125,11 +122,11 @@ def test_native_q4_1_tracks_fp32_argmax(llm, native_llm, gguf_path):
     default engine also rounds its KV cache to bfloat16; on this repetitive text its near-ties
     flip a few more (98.8% when measured), so its bound is 98.5%."""
     ids = llm.tokenizer.encode(LONG_TEXT * 8, add_special_tokens=False)[:2000]
-    ref = llm.engine.runner.prompt_logits(ids).argmax(-1)
+    ref = llm.engine.prompt_logits(ids).argmax(-1)
     weights_only = LLM(gguf_path, kv_cache_memory="128MiB", kv_cache_dtype="float32")
-    agree = (weights_only.engine.runner.prompt_logits(ids).argmax(-1) == ref).float().mean()
+    agree = (weights_only.engine.prompt_logits(ids).argmax(-1) == ref).float().mean()
     assert agree >= 0.99, agree
-    default = (native_llm.engine.runner.prompt_logits(ids).argmax(-1) == ref).float().mean()
+    default = (native_llm.engine.prompt_logits(ids).argmax(-1) == ref).float().mean()
     assert default >= 0.985, default
 
 
@@ -161,8 +158,8 @@ def test_float_checkpoint_int8_tracks_fp32(float_checkpoint, llm):
     q = LLM(str(float_checkpoint), kv_cache_memory="64MiB", quantization="int8")
     assert q.engine.model.quantization == "int8"
     ids = llm.tokenizer.encode(LONG_TEXT * 4, add_special_tokens=False)[:1000]
-    ref = llm.engine.runner.prompt_logits(ids)
-    agree = (q.engine.runner.prompt_logits(ids).argmax(-1) == ref.argmax(-1)).float().mean()
+    ref = llm.engine.prompt_logits(ids)
+    agree = (q.engine.prompt_logits(ids).argmax(-1) == ref.argmax(-1)).float().mean()
     assert agree >= 0.97, agree
 
 
@@ -172,8 +169,8 @@ def test_int4_of_dequantized_q4_1_reproduces_the_blocks(float_checkpoint, native
     running the GGUF's blocks."""
     q = LLM(str(float_checkpoint), kv_cache_memory="64MiB", quantization="int4")
     ids = native_llm.tokenizer.encode(LONG_TEXT, add_special_tokens=False)[:300]
-    got = q.engine.runner.prompt_logits(ids)
-    ref = native_llm.engine.runner.prompt_logits(ids)
+    got = q.engine.prompt_logits(ids)
+    ref = native_llm.engine.prompt_logits(ids)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert (got - ref).abs().max() < 0.05
 
@@ -204,7 +201,7 @@ def test_kv_cache_dtype_holds_more_tokens_at_a_small_perplexity_cost(
 
     fp = fp32_kv_llm
     small = LLM(gguf_path, kv_cache_memory="64MiB", quantization="none", kv_cache_dtype=dtype)
-    assert small.engine.runner.capacity_tokens >= capacity * fp.engine.runner.capacity_tokens
+    assert small.engine.capacity_tokens >= capacity * fp.engine.capacity_tokens
     with open(DEFAULT_TEXT) as f:
         ids = fp.tokenizer.encode(f.read(), add_special_tokens=False)[:1024]
     ppl_fp, n = perplexity(fp, ids, window=512, stride=256, chunk=64)

@@ -46,7 +46,8 @@ class EngineBookkeeping(RuleBasedStateMachine):
             assert n >= 1
             assert req.num_computed_tokens + n <= req.num_tokens
             assert len(self.kv.req_blocks[req.request_id]) * BS >= req.num_computed_tokens + n
-        self.sched.update_after_step(out)
+        for req, n in out.scheduled:  # no drafts: every scheduled token is accepted
+            self.sched.commit(req, req.num_computed_tokens + n)
         for req, _ in out.scheduled:
             if req.num_computed_tokens == req.num_tokens:
                 req.append_token(7)
@@ -100,7 +101,8 @@ def test_every_request_eventually_finishes():
             break
         out = sched.schedule()
         assert out.scheduled, "no progress"
-        sched.update_after_step(out)
+        for req, n in out.scheduled:  # no drafts: every scheduled token is accepted
+            sched.commit(req, req.num_computed_tokens + n)
         for req, _ in out.scheduled:
             if req.num_computed_tokens == req.num_tokens:
                 req.append_token(1)

@@ -76,7 +76,7 @@ def test_hf_directory_logits_match_transformers(tmp_path, llm, case):
     if arch == "qwen2":
         assert ours.engine.model_config.attention_bias
     ids = torch.randint(3, VOCAB, (200,), generator=torch.Generator().manual_seed(1)).tolist()
-    got = ours.engine.runner.prompt_logits(ids)
+    got = ours.engine.prompt_logits(ids)
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0]
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)

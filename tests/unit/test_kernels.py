@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from slimserve import kernels
-from slimserve.layers.attention import _decode, _encode
+from slimserve.backends.kv_format import decode as _decode
+from slimserve.backends.kv_format import encode as _encode
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(), reason="no C compiler: the PyTorch path runs"

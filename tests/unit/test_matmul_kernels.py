@@ -113,11 +113,8 @@ def test_int4_linear_uses_the_kernel_unless_turned_off():
     lin = _int4_linear(128, 256, 32, False)
     x = torch.randn(4, 256)
     native = lin(x)
-    kernels.set_enabled(False, "int4_matmul")
-    try:
+    with kernels.without(lin, "int4_matmul"):
         pytorch = lin(x)
-    finally:
-        kernels.set_enabled(True)
     assert not torch.equal(native, pytorch)  # int8 vs bf16 activations: close, not equal
     torch.testing.assert_close(native, pytorch, rtol=0, atol=2e-2 * pytorch.abs().max().item())
     with pytest.raises(ValueError, match="unknown kernel"):
@@ -189,13 +186,9 @@ def test_int8_linear_rows_and_fallback():
     assert torch.equal(lin.rows(ids), w[ids])
     x = torch.randn(3, 256)
     native = lin(x)
-    kernels.set_enabled(False, "int8_rows")
-    kernels.set_enabled(False, "int8_matmul")
-    try:
+    with kernels.without(lin, "int8_rows", "int8_matmul"):
         assert torch.equal(lin.rows(ids), w[ids])
         fallback = lin(x)
-    finally:
-        kernels.set_enabled(True)
     assert (fallback - native).norm() / native.norm() < 1e-2
 
 

@@ -1,13 +1,14 @@
 """The decode step of a Llama-family model with int4 weights as one native call.
 
-When every sequence of a step decodes one token, the model runner calls this instead of the
-model's modules: kernels/decode_step.c runs every layer and the final norm in one parallel region,
+When every row of a step decodes (one token, or a verify of drafts: each row is one query with its
+own block-table row and length), the native backend calls this instead of the model's modules:
+kernels/decode_step.c runs every layer and the final norm in one parallel region,
 composing the same kernels the modules call one at a time, so the result is bit-identical and
 only the per-op overhead goes (about 40% of a batch-1 step). The token embedding and the LM head
 stay with the modules: one call each.
 
 `NativeDecodeStep.build` returns None for a model it does not take (another layer structure,
-weights that are not Int4Linear, a CUDA model); the runner then keeps the modules.
+weights that are not Int4Linear, a CUDA model); the backend then keeps the modules.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import ctypes
 import torch
 
 from slimserve import kernels
-from slimserve.engine.forward_context import ForwardContext
 from slimserve.layers.activation import SiluAndMul
 from slimserve.layers.norm import RMSNorm
 from slimserve.quant.int4 import Int4Linear
@@ -133,7 +133,7 @@ class NativeDecodeStep:
 
     @classmethod
     def build(
-        cls, model: torch.nn.Module, cfg, kv_cache: torch.Tensor, block_size: int
+        cls, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int
     ) -> NativeDecodeStep | None:
         """The native step for `model` (its layers bound to `kv_cache`, of `block_size`-token
         blocks), or None when the model is not one it composes or the kernels are not there."""
@@ -151,7 +151,7 @@ class NativeDecodeStep:
             or next(model.buffers()).device.type != "cpu"
         ):
             return None
-        step = cls(cfg, inner, layers, block_size)
+        step = cls(model.config, inner, layers, block_size)
         one = torch.ones(1, dtype=torch.long)  # a batch of one 1-token sequence, to ask with
         probe = _Batch(1, None, None, None, one.data_ptr(), 1, None)
         if kernels.decode_scratch_bytes(step.model, step.layers, probe) < 0:
@@ -159,24 +159,24 @@ class NativeDecodeStep:
         return step
 
     @staticmethod
-    def takes(ctx: ForwardContext) -> bool:
-        """Whether a step is one the native call runs: one decode group read in place."""
-        if len(ctx.groups) != 1 or not all(kernels.available(k) for k in PARTS):
+    def takes(groups) -> bool:
+        """Whether a step's attention groups are ones the native call runs: one group of decode
+        rows read in place (no cascade, no prompt chunk)."""
+        if len(groups) != 1:
             return False
-        g = ctx.groups[0]
+        g = groups[0]
         return g.seq_lens is not None and g.shared is None and g.q_len == 1
 
     def __call__(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, g
     ) -> torch.Tensor:
-        g = ctx.groups[0]
         x = self.embed(input_ids).contiguous()
         M = x.shape[0]
         tables = g.kv_indices
         batch = _Batch(
             M,
             positions.data_ptr(),
-            ctx.slot_mapping.data_ptr(),
+            slot_mapping.data_ptr(),
             tables.data_ptr(),
             g.seq_lens.data_ptr(),
             tables.shape[1],

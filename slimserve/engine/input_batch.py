@@ -1,0 +1,103 @@
+"""The step plan: what the scheduler chose, as backend-neutral query rows.
+
+Every scheduled token is one query row of the flat batch. A request's rows are consecutive and
+share its block table; row i of a span sits at position `start + i`, attends to `start + i + 1`
+tokens (itself and everything before it), and needs logits when its next token is to be drawn.
+A decoding request has one row; a request verifying k draft tokens has k + 1 (its last token and
+the drafts), each of which needs logits; a prompt chunk has many, of which at most the last needs
+logits. The plan says nothing about kernels: each attention backend turns it into metadata of its
+own (slimserve/backends).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimserve.engine.request import Request
+
+
+@dataclass(slots=True)
+class Span:
+    """One request's rows in the step."""
+
+    req: Request
+    start: int  # num_computed_tokens when the step began: the first row's position
+    num_rows: int
+    first_row: int  # where the rows begin in the flat batch
+    table: list[int]  # the request's block ids
+    # Rows that each read the cache on their own (a decode, or a verify of drafts) rather than a
+    # chunk of prompt attended as one causal block.
+    decode: bool
+    num_drafts: int  # draft tokens among the rows (the last ones)
+    logits_from: int  # first row (within the span) that needs logits; num_rows when none does
+
+    @property
+    def rows(self) -> range:
+        return range(self.first_row, self.first_row + self.num_rows)
+
+    @property
+    def num_logits(self) -> int:
+        return self.num_rows - self.logits_from
+
+
+@dataclass(slots=True)
+class StepPlan:
+    spans: list[Span]  # decode spans first, then prompt chunks
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    slot_mapping: torch.Tensor  # (T,) int64: the KV slot each row writes
+    logits_rows: torch.Tensor  # (R,) int64: rows whose logits are computed, span by span
+    block_size: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def decode_only(self) -> bool:
+        return all(s.decode for s in self.spans)
+
+
+def build_plan(
+    scheduled: list[tuple[Request, int]],
+    tables: dict[str, list[int]],
+    block_size: int,
+    all_logits: bool = False,
+) -> StepPlan:
+    """The plan for requests each given `n` new rows; `tables` holds their block ids. With
+    `all_logits`, every row needs logits (evaluation: the logits at every position)."""
+    decodes, chunks = [], []
+    for req, n in scheduled:
+        start = req.num_computed_tokens
+        # The last real token (and any drafts after it), or a single token: each row reads the
+        # cache by itself. Otherwise a chunk of prompt.
+        (decodes if n == 1 or start >= req.num_tokens - 1 else chunks).append((req, n))
+    spans, ids, pos, slots, logits_rows = [], [], [], [], []
+    bs = block_size
+    for req, n in decodes + chunks:
+        start, table = req.num_computed_tokens, tables[req.request_id]
+        tokens = req.all_token_ids + req.spec_token_ids if req.spec_token_ids else req.all_token_ids
+        end = start + n
+        # Logits from the row of the last real token on: it and every draft row draw a token.
+        logits_from = max(0, req.num_tokens - 1 - start) if end >= req.num_tokens else n
+        if all_logits:
+            logits_from = 0
+        span = Span(
+            req, start, n, len(ids), table, start >= req.num_tokens - 1 or n == 1,
+            max(0, end - req.num_tokens), logits_from,
+        )  # fmt: skip
+        spans.append(span)
+        logits_rows += range(span.first_row + logits_from, span.first_row + n)
+        ids += tokens[start:end]
+        pos += range(start, end)
+        slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+    return StepPlan(
+        spans,
+        torch.tensor(ids, dtype=torch.long),
+        torch.tensor(pos, dtype=torch.long),
+        torch.tensor(slots, dtype=torch.long),
+        torch.tensor(logits_rows, dtype=torch.long),
+        block_size,
+    )

@@ -1,0 +1,43 @@
+"""Per-step attention metadata, set by the model runner and read only by attention layers.
+
+Models take tensors only (`forward(input_ids, positions)`); how the flat batch of query rows maps
+onto sequences and KV-cache slots lives here for one step. `metadata` holds what the attention
+backend built for each layer spec, so layers that attend differently (a sliding window beside
+full attention) each find their own.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    slot_mapping: torch.Tensor  # (T,) flat KV slot each new token writes to
+    metadata: dict = field(default_factory=dict)  # AttentionSpec -> the backend's metadata
+
+
+# Per thread: two engines on two threads each see their own step.
+_local = threading.local()
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext):
+    if getattr(_local, "ctx", None) is not None:
+        raise RuntimeError("forward_context is not reentrant: one step at a time")
+    _local.ctx = ctx
+    try:
+        yield ctx
+    finally:
+        _local.ctx = None
+
+
+def get_forward_context() -> ForwardContext:
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None:
+        raise RuntimeError("model called outside a forward_context (the model runner sets it)")
+    return ctx
