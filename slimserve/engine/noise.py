@@ -50,13 +50,14 @@ def _fmix32_(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(keys: list[int], width: int, device=None) -> torch.Tensor:
-    """(len(keys), width) float32 in (0, 1): 24 random bits per entry, never 0 or 1."""
+    """(len(keys), width) float32 in (0, 1): 23 random bits per entry, never 0 or 1 (with 24,
+    (x + 0.5) / 2^24 rounds to 1.0 in float32 at the top)."""
     k = torch.tensor([[_s32(k & 0xFFFFFFFF), _s32(k >> 32)] for k in keys], dtype=torch.int32)
     k = k.to(device)
     x = torch.arange(width, dtype=torch.int32, device=device).mul_(_GOLDEN).unsqueeze(0)
     x = _fmix32_(x + k[:, :1])
     x = _fmix32_(x ^ k[:, 1:])
-    return ((x >> 8) & 0xFFFFFF).float().add_(0.5).mul_(2.0**-24)
+    return ((x >> 9) & 0x7FFFFF).float().add_(0.5).mul_(2.0**-23)
 
 
 def exponential(keys: list[int], width: int, device=None) -> torch.Tensor:
