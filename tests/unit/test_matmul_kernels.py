@@ -1,6 +1,8 @@
 """The int4 and int8 matmul kernels against x8 @ dequantize(W).T, on the VNNI build and on
 builds without VNNI (the AVX2 paths)."""
 
+import platform
+
 import pytest
 import torch
 
@@ -49,6 +51,19 @@ def _int8_rows(x):
 VARIANTS = {"native": [], "avx2": ["-mno-avx512vnni", "-mno-avxvnni"]}
 
 
+def _variant(flags):
+    """A build with extra flags, or a skip where this compiler or CPU takes no such flags
+    (not x86, or a gcc older than 11 for -mno-avxvnni)."""
+    if not flags:
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 build variants")
+    try:
+        return kernels.load_variant(flags)
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"this compiler cannot build the variant: {e}")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
     "N,K,group,eight_bit,bias,M",
@@ -65,7 +80,7 @@ def test_int4_matmul_matches_dequantized_weights(N, K, group, eight_bit, bias, M
     """The kernel computes x8 @ dequantize(W).T exactly up to float summation order, where x8 is
     x rounded to int8 per block of 32."""
     torch.manual_seed(0)
-    lib = kernels.load_variant(VARIANTS[variant]) if VARIANTS[variant] else None
+    lib = _variant(VARIANTS[variant])
     lin = _int4_linear(N, K, group, eight_bit, bias)
     wide = torch.randn(M, K + 64)
     x = wide[:, 16 : 16 + K]  # rows K + 64 apart: read in place
@@ -112,6 +127,9 @@ def test_int4_linear_uses_the_kernel_unless_turned_off():
     torch.manual_seed(2)
     lin = _int4_linear(128, 256, 32, False)
     x = torch.randn(4, 256)
+    args = (lin.packed, lin.scales_zeros, lin.group, lin.doubled, lin.out_features)
+    if not kernels.available() or kernels.int4_matmul(x, *args) is None:
+        pytest.skip("the int4 kernel needs AVX2: both calls would run PyTorch")
     native = lin(x)
     with kernels.without(lin, "int4_matmul"):
         pytorch = lin(x)
@@ -124,8 +142,9 @@ def test_int4_linear_uses_the_kernel_unless_turned_off():
 def test_bench_kernels_int4_rows():
     """`slimserve bench kernels` measures the int4 kernel, its AVX2 path and PyTorch's on each of
     the default model's layer shapes."""
-    from slimserve.bench.kernels import INT4_SHAPES, int4_op
+    from slimserve.bench.kernels import AVX2_ONLY, INT4_SHAPES, int4_op
 
+    _variant(AVX2_ONLY)  # skips where the AVX2-only copy cannot be built
     rows = int4_op([1], runs=1)
     assert [r["layer"] for r in rows] == list(INT4_SHAPES)
     for r in rows:
@@ -163,7 +182,7 @@ def test_int8_matmul_matches_dequantized_weights(N, K, bias, M, variant):
     torch.manual_seed(2)
     if not kernels.int8_built():
         pytest.skip("the int8 kernel needs AVX2 and F16C")
-    lib = kernels.load_variant(VARIANTS8[variant]) if VARIANTS8[variant] else None
+    lib = _variant(VARIANTS8[variant])
     lin, w = _int8_linear(N, K, bias)
     wide = torch.randn(M, K + 64)
     x = wide[:, 16 : 16 + K]  # rows K + 64 apart: read in place
