@@ -31,9 +31,16 @@ def gemm_gflops(m: int, shapes: list[tuple[int, int]]) -> float:
 
 
 def layer_shapes(model) -> list[tuple[int, int]]:
-    """(in, out) of every linear weight in the model's first layer."""
-    layer = model.model.layers[0]
-    return [tuple(p.shape) for n, p in layer.named_parameters() if p.dim() == 2]
+    """(in, out) of every linear weight of one decoder layer, from the model's config: the
+    weights themselves may be packed buffers (quantized), not 2-D parameters."""
+    c = model.config
+    qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    return [
+        (c.hidden_size, qkv),
+        (c.num_heads * c.head_dim, c.hidden_size),
+        (c.hidden_size, 2 * c.intermediate_size),
+        (c.intermediate_size, c.hidden_size),
+    ]
 
 
 def gemv_gb_s(k: int = 576, n: int = 49152) -> float:
@@ -52,7 +59,10 @@ def int8_gflops(m: int, k: int = 576, n: int = 1536) -> float:
 
 def model_costs(model) -> dict:
     cfg = model.config
-    linear = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2)
+    # Multiply-adds per token of every linear and the LM head, from the config (quantized weights
+    # are buffers, so counting 2-D parameters gave 0 on the default model).
+    linear = cfg.num_layers * sum(k * n for k, n in layer_shapes(model))
+    linear += cfg.hidden_size * cfg.vocab_size
     # Attention adds 4 * context * hidden FLOPs per token per layer (scores and weighted sum).
     return {
         "flops_per_token": 2 * linear,
