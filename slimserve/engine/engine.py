@@ -20,6 +20,7 @@ from slimserve.config import EngineConfig, num_threads_from_env
 from slimserve.engine import rejection
 from slimserve.engine.detokenizer import Detokenizer
 from slimserve.engine.input_batch import StepPlan, build_plan
+from slimserve.engine.loading import load_model
 from slimserve.engine.model_runner import ModelRunner
 from slimserve.engine.request import Request
 from slimserve.engine.sampler import Sampler, SamplingRow
@@ -29,7 +30,6 @@ from slimserve.kv_cache.hashing import kv_salt
 from slimserve.kv_cache.manager import KVCacheManager
 from slimserve.kv_cache.spec import kv_cache_spec
 from slimserve.loader import open_model
-from slimserve.models import get_model_class
 from slimserve.outputs import CompletionOutput, RequestOutput
 from slimserve.sampling_params import SamplingParams
 
@@ -58,40 +58,6 @@ class Proposer(Protocol):
     """Speculative decoding's entry point: draft tokens to verify after a request's last one."""
 
     def propose(self, req: Request, max_tokens: int) -> list[int]: ...
-
-
-def load_model(
-    source,
-    quantization: str | None = None,
-    group_size: int = 32,
-    progress: bool = False,
-    native: bool = True,
-) -> torch.nn.Module:
-    """Build the model and load its weights; with a quantization method, its layers are swapped
-    for collectors first and packed after (slimserve/quant), so no float copy is kept. `native`
-    False keeps layouts only the native kernels read out of the model."""
-    from slimserve import quant
-    from slimserve.models import is_supported
-
-    cfg = source.config
-    if not is_supported(cfg.architecture):
-        from slimserve.errors import UnsupportedModel
-
-        raise UnsupportedModel(f"unsupported architecture {cfg.architecture!r} in {source.path}")
-    model = get_model_class(cfg.architecture)(cfg)
-    method = quant.resolve_method(quantization, source, group_size)
-    if method:
-        quant.prepare(model, method, group_size)
-    weights = source.weights(quant.keep_types(method))
-    if progress:
-        from tqdm import tqdm
-
-        weights = tqdm(weights, desc=f"Loading {source.name}", unit="tensor", leave=False)
-    model.load_weights(weights)
-    if method:
-        quant.finalize(model, native)
-    model.quantization = method or "none"
-    return model.eval()
 
 
 class Engine:
