@@ -289,7 +289,18 @@ class Engine:
                 req.params.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens
             )
             if req.num_computed_tokens == req.num_tokens - 1 and room > 1:
-                req.spec_token_ids = list(self.proposer.propose(req, room - 1))[: room - 1]
+                drafts = list(self.proposer.propose(req, room - 1))[: room - 1]
+                vocab = self.model_config.vocab_size
+                # A draft the kernels cannot index ends the drafts: never a bad read mid-step.
+                valid = next(
+                    (
+                        i
+                        for i, t in enumerate(drafts)
+                        if not (isinstance(t, int) and 0 <= t < vocab)
+                    ),
+                    len(drafts),
+                )
+                req.spec_token_ids = drafts[:valid]
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:

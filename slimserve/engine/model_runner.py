@@ -27,6 +27,7 @@ class ModelRunner:
         self.model = model
         self.config = model_config
         self.spec = spec
+        self.layer_specs = tuple(dict.fromkeys(spec.layers))  # the distinct ones, in order
         # Zeroed, not empty: padded attention slots must hold finite numbers (0 * NaN is NaN).
         # Head-major (Hkv, slots, row) per layer and K/V (backends/torch_sdpa.py); block 0 is the
         # null block, so the tensors hold one block more than the pool hands out.
@@ -61,7 +62,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """Run one step; returns (R, V) logits for `plan.logits_rows` (None when R is 0)."""
-        metadata = {s: self.backend.build_metadata(plan, s) for s in set(self.spec.layers)}
+        metadata = {s: self.backend.build_metadata(plan, s) for s in self.layer_specs}
         ctx = ForwardContext(plan.slot_mapping, metadata)
         with forward_context(ctx):
             hidden = self.backend.run_model(self.model, plan, ctx)

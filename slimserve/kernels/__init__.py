@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from contextlib import contextmanager
 
 import torch
 
 from slimserve.config import native_kernels_from_env
 from slimserve.kernels.build import FLAGS, build
+from slimserve.kernels.select import chosen, select, without
 
 logger = logging.getLogger("slimserve")
 
@@ -131,34 +131,6 @@ def available(kernel: str | None = None) -> bool:
     """Whether the native kernels (or one of KERNELS) can run in this process: built, loaded and
     not turned off. Asked when something is built, never per step."""
     return _enabled and kernel not in _turned_off and _load() is not None
-
-
-def chosen(names: tuple[str, ...], enabled: bool = True) -> frozenset[str]:
-    """Which of a module's kernels `names` it runs: those available, when `enabled`."""
-    return frozenset(k for k in names if enabled and available(k))
-
-
-def select(model: torch.nn.Module, enabled: bool) -> None:
-    """Settle, for every module of `model` with native paths (a class attribute NATIVE naming its
-    kernels), which of them it runs: its `native` set. The engine calls this once at build."""
-    for m in model.modules():
-        names = getattr(type(m), "NATIVE", None)
-        if names:
-            m.native = chosen(names, enabled)
-
-
-@contextmanager
-def without(module: torch.nn.Module, *names: str):
-    """Run `module` and its submodules with the kernels `names` (every one when none is named)
-    turned off, then restore their choice: for A/B tests and benchmarks of one module."""
-    saved = {m: m.native for m in module.modules() if getattr(type(m), "NATIVE", None)}
-    try:
-        for m in saved:
-            m.native = m.native - set(names) if names else frozenset()
-        yield
-    finally:
-        for m, native in saved.items():
-            m.native = native
 
 
 # The decode-attention kernel keeps one (sequence, KV head)'s accumulators on the stack.
