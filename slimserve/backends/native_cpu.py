@@ -1,11 +1,20 @@
-"""Attention with the native CPU kernels (slimserve/kernels): decode rows read the paged cache
-in place, keys and values are written by one kernel call, and a step whose rows all decode (or
-verify drafts) runs every layer in one native call (backends/native_step.py).
+"""Attention with the native CPU kernels (slimserve/kernels): every row reads the paged cache
+in place, keys and values are written by one kernel call, and a step runs every layer in one
+native call where the model's shape allows (backends/native_step.py).
 
-Every decode row, a verify row as much as a plain decode, is one query of the paged kernel with
-its own block-table row and length: the k + 1 rows of a verify share their request's table and
-attend to ctx + 1 ... ctx + k + 1 tokens. All rows' keys are written before any row reads, so a
-row sees the drafts before it. Prompt chunks keep the PyTorch path (SDPA is faster for them).
+Every row of a step, a decode, a verify of drafts or a row of a prompt chunk, is one query of the
+paged kernel with its own block-table row and length: row i of a span attends to start + i + 1
+tokens. All rows' keys are written before any row reads, so a row sees the rows before it.
+
+This makes a row's arithmetic independent of everything but its own tokens: the kernel walks a
+row's keys in the same chunks of 32 and partitions of 256 whatever else runs, so a greedy request
+gives the same tokens alone or batched, prompt whole or chunked, computed or read from the prefix
+cache, prefilled or decoded (a preempted request's recompute, a later turn reading an earlier
+answer's blocks). PyTorch SDPA, which the prompt chunks used before, blocks its work by the
+chunk's query and key counts, so the same row came out a few ulps apart from one chunking to
+another, and greedy outputs flipped where two tokens were close (docs/architecture.md). For the
+same reason this backend does no cascade over shared prefixes. `per_row=False` keeps the earlier
+split (SDPA chunks, cascade decodes) for A/B measurement.
 """
 
 from __future__ import annotations
@@ -27,9 +36,30 @@ if TYPE_CHECKING:  # the plan's types; the engine imports the backends, not the 
 class NativeCPUBackend(TorchSDPABackend):
     name = "native-cpu"
 
-    def __init__(self, fused_step: bool = True):
+    def __init__(self, fused_step: bool = True, per_row: bool = True):
         self.fused_step = fused_step
+        self.per_row = per_row
         self.step: NativeDecodeStep | None = None
+
+    def build_metadata(self, plan: StepPlan, spec):
+        """One group: every row of the plan, a prompt chunk's as much as a decode's, as its own
+        query over its request's blocks (see the module's docstring for why)."""
+        if not self.per_row:
+            return super().build_metadata(plan, spec)
+        bs, spans = plan.block_size, plan.spans
+        nblk = max(-(-(s.start + s.num_rows) // bs) for s in spans)
+        table = torch.full((len(spans), nblk), NULL_BLOCK, dtype=torch.long)
+        for i, s in enumerate(spans):
+            used = s.table[: -(-(s.start + s.num_rows) // bs)]
+            table[i, : len(used)] = torch.tensor(used, dtype=torch.long)
+        counts = torch.tensor([s.num_rows for s in spans], dtype=torch.long)
+        table = table.repeat_interleave(counts, dim=0) if len(spans) < plan.num_rows else table
+        return [
+            AttentionGroup(
+                slice(0, plan.num_rows), plan.num_rows, 1, table, None, causal=False,
+                kv_len=nblk * bs, block_size=bs, seq_lens=plan.positions + 1,
+            )
+        ]  # fmt: skip
 
     def bind(self, model, kv_cache, block_size, built=None):
         if self.fused_step:

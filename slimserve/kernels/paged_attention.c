@@ -181,6 +181,7 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
                      int64_t begin, int64_t len, int block_size, int G, int D, int kind,
                      float scale, float *out, float *lse) {
     const int64_t row_bytes = row_bytes_of(kind, D);
+    const int shift = __builtin_ctz((unsigned)block_size);
 #ifdef HAVE_AVX2
     const int fast = D % 8 == 0;
 #else
@@ -196,9 +197,9 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
     }
     for (int64_t t0 = begin; t0 < len; t0 += CHUNK) {
         int n = (int)(len - t0 < CHUNK ? len - t0 : CHUNK);
-        for (int i = 0; i < n; i++) {
+        for (int i = 0; i < n; i++) { /* block_size is a power of two: no division */
             int64_t t = t0 + i;
-            int64_t slot = table[t / block_size] * block_size + t % block_size;
+            int64_t slot = (table[t >> shift] << shift) | (t & (block_size - 1));
             krows[i] = k + slot * row_bytes;
             vrows[i] = v + slot * row_bytes;
         }
