@@ -142,7 +142,7 @@ def as_rows(rows) -> list[SamplingRow]:
 def filter_probs(logits: torch.Tensor, params) -> torch.Tensor:
     """Softmax restricted to each row's top-k, top-p nucleus and min-p floor (others get 0)."""
     V = logits.shape[-1]
-    top_k = [p.top_k if p.top_k > 0 else V for p in params]
+    top_k = [min(p.top_k, V) if p.top_k > 0 else V for p in params]
     top_p = [p.top_p for p in params]
     min_p = [p.min_p for p in params]
     if any(k < V for k in top_k) or any(p < 1.0 for p in top_p):

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
@@ -18,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from slimserve.engine.async_engine import AsyncEngine
-from slimserve.errors import CapacityError, ContextLengthExceeded, SlimserveError
+from slimserve.errors import CapacityError, ContextLengthExceeded, InvalidRequest, SlimserveError
 from slimserve.server.metrics import Metrics
 from slimserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from slimserve.server.responses import respond
@@ -32,8 +32,50 @@ def _error(
     code: str | None = None,
     headers: dict | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    body = {"error": {"message": _printable(message), "type": type_, "param": param, "code": code}}
+    if param is not None:
+        body["error"]["param"] = _printable(param)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8: an error about a lone surrogate must not fail on it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_type_name(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int") or "[" in part or "function-" in part)
+
+
+MAX_BODY_BYTES = 32 << 20
+MAX_CHOICES = 256  # engine requests one HTTP request may start
+
+
+class _Guard:
+    """ASGI middleware run before routing and body parsing: the API key (an unauthenticated caller
+    learns nothing about validation) and a bound on the declared body size."""
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            headers = dict(scope["headers"])
+            key = self.state.server.api_key
+            if key is not None and headers.get(b"authorization", b"") != f"Bearer {key}".encode():
+                response = _error(
+                    401, "invalid or missing API key", "authentication_error",
+                    code="invalid_api_key",
+                )  # fmt: skip
+                return await response(scope, receive, send)
+            length = headers.get(b"content-length", b"0")
+            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                response = _error(
+                    413, f"the request body must be at most {MAX_BODY_BYTES} bytes",
+                    "invalid_request_error",
+                )  # fmt: skip
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class ApiError(Exception):
@@ -108,13 +150,24 @@ def create_app(async_engine: AsyncEngine, served_name: str, api_key: str | None 
 
 def _app(lifespan) -> FastAPI:
     app = FastAPI(title="slimserve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(_Guard, state=app.state)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        err = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # Of a union's failed branches, the one that got furthest: a check that failed on a value
+        # of the right type, else the deepest mismatch (not "should be a string" for a list).
+        errors = sorted(
+            exc.errors(),
+            key=lambda e: (e.get("type", "").endswith("_type"), -len(e.get("loc", ()))),
+        )
+        err = errors[0] if errors else {}
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidRequest):  # raised by a validator of ours, with its param
+            return _error(400, str(cause), cause.error_type, cause.param)
+        # A union's member names (str, list[...]) in the location say nothing to a client.
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_type_name(p)]
         param = ".".join(loc) or None
-        message = err.get("msg", "invalid request")
+        message = err.get("msg", "invalid request").removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
         return _error(
@@ -136,15 +189,6 @@ def _app(lifespan) -> FastAPI:
     async def _http(request: Request, exc: HTTPException):
         return _error(exc.status_code, str(exc.detail), "invalid_request_error")
 
-    def authorize(request: Request) -> None:
-        srv: Server = app.state.server  # set when the app was built
-        if srv.api_key is None:
-            return
-        if request.headers.get("authorization", "") != f"Bearer {srv.api_key}":
-            raise ApiError(
-                401, "invalid or missing API key", "authentication_error", "invalid_api_key"
-            )
-
     @app.get("/health")
     async def health():
         srv: Server = app.state.server  # set when the app was built
@@ -157,7 +201,7 @@ def _app(lifespan) -> FastAPI:
         srv: Server = app.state.server  # set when the app was built
         return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
     async def models():
         srv: Server = app.state.server  # set when the app was built
         return {
@@ -173,7 +217,7 @@ def _app(lifespan) -> FastAPI:
             ],
         }
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         srv: Server = app.state.server  # set when the app was built
         srv.check_model(body.model)
@@ -183,10 +227,12 @@ def _app(lifespan) -> FastAPI:
         params = [body.sampling_params(max_tokens, i, body.num_logprobs()) for i in range(body.n)]
         return await respond(srv, request, body, [ids] * body.n, params, chat=True)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         srv: Server = app.state.server  # set when the app was built
         srv.check_model(body.model)
+        if len(body.prompts()) * body.n > MAX_CHOICES:
+            raise InvalidRequest(f"at most {MAX_CHOICES} prompts times n per request", "n")
         prompts = [srv.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
         ids, params = [], []
         for p in prompts:

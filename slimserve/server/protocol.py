@@ -1,12 +1,73 @@
-"""OpenAI request bodies (what we accept) and the mapping onto SamplingParams."""
+"""OpenAI request bodies (what we accept) and the mapping onto SamplingParams.
+
+Every field is checked against what the engine can represent before anything runs: integers
+within int64 (and within meaningful bounds), finite floats, strings that encode as UTF-8 (JSON
+lets a lone surrogate such as "\\ud800" through, which no tokenizer takes), lists of bounded
+length. Fields that would change a request's meaning and that we do not implement (tools,
+response_format, logit_bias, ...) are refused with a 400 naming them, never ignored; fields that
+change nothing we use (user, metadata, ...) are ignored, as vLLM does.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from slimserve.errors import InvalidRequest
 from slimserve.sampling_params import SamplingParams
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+TOKEN_ID_MAX = 2**31 - 1  # beyond any vocabulary; the engine checks the model's own
+MAX_LIST = 4096  # messages, prompts, token id lists of stop tokens
+MAX_STOP = 16
+
+
+def _encodes(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_encodes)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]
+
+# Fields of OpenAI's or vLLM's API that change what a request means, with the values that change
+# nothing (accepted). Any other value is refused: answering free text to a request for a schema
+# or a tool call would be a silent wrong answer.
+_UNSUPPORTED: dict[str, tuple] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "prompt_logprobs": (None,),
+    "suffix": (None, ""),
+    "echo": (None, False),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+
+
+def _refuse_unsupported(data):
+    if isinstance(data, dict):
+        for name, fine in _UNSUPPORTED.items():
+            if name in data and data[name] not in fine:
+                raise InvalidRequest(f"{name} is not supported by this server", param=name)
+        best_of = data.get("best_of")
+        if best_of is not None and best_of != data.get("n", 1):
+            raise InvalidRequest("best_of other than n is not supported", param="best_of")
+    return data
 
 
 class StreamOptions(BaseModel):
@@ -14,27 +75,29 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    # Fields other servers accept and we do not use are ignored, as vLLM does.
-    model_config = ConfigDict(extra="ignore")
+    # Fields other servers accept that change nothing we do are ignored, as vLLM does.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: Text | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
+    seed: Int64 | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    user: str | None = None
+    user: Text | None = None
     # vLLM's extra sampling fields
-    top_k: int = Field(default=0, ge=-1)
+    top_k: int = Field(default=0, ge=-1, le=INT64_MAX)  # past the vocabulary: all of it
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_LIST)] | None = None
+
+    _refuse = model_validator(mode="before")(_refuse_unsupported)
 
     def sampling_params(self, max_tokens: int, index: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -47,7 +110,7 @@ class _Common(BaseModel):
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed is None else self.seed + index,
+            seed=None if self.seed is None else (self.seed + index) & INT64_MAX,
             stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
@@ -59,22 +122,35 @@ class _Common(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: Text | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported (only text)")
+        if self.text is None:
+            raise ValueError("a text content part needs a string 'text'")
+        return self
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_LIST)] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
-            return "".join(
-                part.get("text", "") for part in self.content if part.get("type") == "text"
-            )
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_LIST)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -87,9 +163,16 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_LIST)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[TokenId], Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_LIST),
+        ]
+    )
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

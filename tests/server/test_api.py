@@ -159,7 +159,35 @@ BAD = [
     ({"model": MODEL, "messages": QUESTION, "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ({"model": "gpt-4", "messages": QUESTION}, 404, None),
-]
+    # Found by trying the server as a hostile client would: each of these was a bare 500, or
+    # (top_k) a crash of the engine thread that left every later request failing.
+    ({"model": MODEL, "messages": QUESTION, "top_k": 2**64}, 400, "top_k"),
+    ({"model": MODEL, "messages": QUESTION, "top_k": 1e30}, 400, "top_k"),
+    ({"model": MODEL, "messages": QUESTION, "seed": 2**64}, 400, "seed"),
+    ({"model": MODEL, "messages": QUESTION, "seed": -(2**63) - 1}, 400, "seed"),
+    ('{"model": "smollm2", "messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "messages.0.content"),
+    ('{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}', 400, "model"),
+    ('{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+     400, "temperature"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+     400, "messages.0.content.0"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]},
+     400, "messages.0.content.0.text"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     400, "messages.0.content.0"),
+    ({"model": MODEL, "messages": [1]}, 400, "messages.0"),
+    ([QUESTION], 400, None),
+    ({"model": MODEL, "messages": QUESTION, "stop": ["x"] * 100}, 400, "stop"),
+    ({"model": MODEL, "messages": QUESTION, "stop_token_ids": [-1]}, 400, "stop_token_ids.0"),
+    ({"model": MODEL, "messages": QUESTION, "max_tokens": 2**70}, 400, "max_tokens"),
+    # Fields that would change the answer's meaning are refused, not ignored.
+    ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": MODEL, "messages": QUESTION, "logit_bias": {"1": 100}}, 400, "logit_bias"),
+    ({"model": MODEL, "messages": QUESTION, "guided_regex": "a+"}, 400, "guided_regex"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("body, status, param", BAD, ids=range(len(BAD)))
@@ -169,14 +197,39 @@ def test_bad_input_gets_openai_error_and_server_stays_healthy(http, body, status
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param:
-        assert err["param"] == param
+    assert err["param"] == param
     if body is BAD[6][0]:
         assert "8192" in err["message"] and "100000" in err["message"]
     ok = http.post(
         "/v1/chat/completions", json={"model": MODEL, "messages": QUESTION, "max_tokens": 2}
     )
     assert ok.status_code == 200
+    assert http.get("/health").status_code == 200
+
+
+BAD_COMPLETIONS = [
+    ({"model": MODEL, "prompt": []}, "prompt"),
+    ({"model": MODEL, "prompt": [[-1]]}, "prompt.0.0"),
+    ({"model": MODEL, "prompt": [10**9]}, "prompt"),  # past the vocabulary: the engine says
+    ({"model": MODEL, "prompt": "hi", "echo": True}, "echo"),
+    ({"model": MODEL, "prompt": "hi", "suffix": "x"}, "suffix"),
+    ({"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of"),
+    ({"model": MODEL, "prompt": ["hi"] * 100, "n": 16}, "n"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD_COMPLETIONS, ids=range(len(BAD_COMPLETIONS)))
+def test_bad_completion_bodies(http, body, param):
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_authentication_comes_before_the_body(server):
+    """An unauthenticated caller gets 401 whatever it sends: it learns nothing of validation."""
+    for content in ("not json", '{"model": 1}'):
+        r = httpx.post(server.url + "/v1/chat/completions", content=content)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_api_key_is_enforced(server):
