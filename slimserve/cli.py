@@ -191,7 +191,8 @@ def cmd_serve(args) -> int:
         flush=True,
     )
     try:
-        return run(create_app(async_engine, name, args.api_key), args.host, args.port)
+        app = create_app(async_engine, name, args.api_key)
+        return run(app, args.host, args.port, args.drain_timeout)
     finally:
         async_engine.shutdown()
 
@@ -223,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="waiting requests beyond this get 503 with Retry-After",
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGTERM/SIGINT (default 30)",
     )
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)

@@ -38,3 +38,17 @@ class CapacityError(SlimserveError):
 
     http_status = 503
     error_type = "capacity_error"
+
+
+class RequestFailed(SlimserveError):
+    """The engine could not serve one request (an internal error attributed to it); the engine
+    goes on serving the others."""
+
+    error_type = "internal_error"
+
+
+class EngineDead(SlimserveError):
+    """The engine cannot go on (a step fails even for a trivial request): the process should exit
+    so that a supervisor restarts it."""
+
+    error_type = "internal_error"

@@ -10,7 +10,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    # "stop" | "length" | "abort" | "error" (see RequestOutput.error) | None while running
+    finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None  # per token: {sampled id: lp, top ids: lp}
 
 
@@ -21,3 +22,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    error: str | None = None  # why, when the engine failed this request (finish_reason "error")

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 
 from slimserve.engine.engine import Engine
-from slimserve.errors import CapacityError
+from slimserve.errors import CapacityError, EngineDead, RequestFailed, SlimserveError
 from slimserve.outputs import RequestOutput
 from slimserve.sampling_params import SamplingParams
 
@@ -33,9 +33,17 @@ IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps between checks for sh
 
 
 class AsyncEngine:
-    def __init__(self, make_engine: Callable[[], Engine], max_queue: int | None = None):
-        """`make_engine` runs on the engine thread; its exceptions re-raise here."""
+    def __init__(
+        self,
+        make_engine: Callable[[], Engine],
+        max_queue: int | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ):
+        """`make_engine` runs on the engine thread; its exceptions re-raise here. `on_fatal` is
+        called (on the engine thread) once the engine cannot go on: every waiter has had an error
+        by then, and the process should exit so that a supervisor restarts it."""
         self.max_queue = max_queue
+        self.on_fatal = on_fatal
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = False
@@ -72,10 +80,11 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except BaseException as e:  # a bug, not a bad request: fail every waiter loudly
-                logger.exception("engine step failed")
-                self.errored = e
-                self._fail_all(e)
+            except BaseException as e:  # the engine is broken: fail every waiter loudly
+                logger.error("the engine cannot go on: %r", e)
+                self._fail_all(e, fatal=True)
+                if self.on_fatal is not None:
+                    self.on_fatal(e)
                 return
             self._stats = self.engine.stats()
             for out in outputs:
@@ -105,8 +114,10 @@ class AsyncEngine:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)
 
-    def _fail_all(self, error: BaseException) -> None:
-        with self._lock:
+    def _fail_all(self, error: BaseException, fatal: bool = False) -> None:
+        with self._lock:  # with submit's check of `errored`: no waiter registers after this
+            if fatal:
+                self.errored = error
             targets, self._queues = list(self._queues.values()), {}
         for loop, q in targets:
             loop.call_soon_threadsafe(q.put_nowait, error)
@@ -122,13 +133,15 @@ class AsyncEngine:
         """Queue a request now (bad input raises here, before any response starts) and return
         the stream of its outputs. Several requests may share one queue; outputs carry ids."""
         if self.errored is not None:
-            raise RuntimeError("the engine has stopped after an internal error")
+            raise EngineDead("the engine has stopped after an internal error")
         waiting = self._stats.waiting + self._pending if self._stats else self._pending
         if self.max_queue is not None and waiting >= self.max_queue:
             raise CapacityError(f"the queue is full ({self.max_queue} waiting); retry later")
         req = self.engine.make_request(prompt, params, request_id)
         q = queue if queue is not None else asyncio.Queue()
         with self._lock:
+            if self.errored is not None:
+                raise EngineDead("the engine has stopped after an internal error")
             self._queues[request_id] = (asyncio.get_running_loop(), q)
             self._pending += 1
         self._commands.put(("add", req))
@@ -139,6 +152,20 @@ class AsyncEngine:
         with self._lock:
             self._queues.pop(request_id, None)
         self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def in_flight(self) -> int:
+        """Requests submitted whose outputs someone still waits for."""
+        with self._lock:
+            return len(self._queues)
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every request in flight with `error` (a drain past its deadline) and abort them."""
+        with self._lock:
+            ids = list(self._queues)
+        self._fail_all(error)
+        for request_id in ids:
+            self._commands.put(("abort", request_id))
         self._wake.set()
 
     def stats(self):
@@ -167,9 +194,13 @@ class RequestStream:
         if self.finished:
             raise StopAsyncIteration
         item = await self.queue.get()
+        if isinstance(item, SlimserveError):
+            raise item
         if isinstance(item, BaseException):
-            raise RuntimeError(f"engine failed: {item}") from item
+            raise EngineDead(f"the engine stopped: {item}") from item
         self.finished = item.finished
+        if item.error is not None:
+            raise RequestFailed(item.error)
         return item
 
     def close(self) -> None:

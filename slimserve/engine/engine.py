@@ -25,7 +25,7 @@ from slimserve.engine.model_runner import ModelRunner
 from slimserve.engine.request import Request
 from slimserve.engine.sampler import Sampler, SamplingRow
 from slimserve.engine.scheduler import Scheduler
-from slimserve.errors import CapacityError, ContextLengthExceeded, InvalidRequest
+from slimserve.errors import CapacityError, ContextLengthExceeded, EngineDead, InvalidRequest
 from slimserve.kv_cache.hashing import kv_salt
 from slimserve.kv_cache.manager import KVCacheManager
 from slimserve.kv_cache.spec import kv_cache_spec
@@ -221,12 +221,46 @@ class Engine:
             max(0, min(n, r.num_prompt_tokens - r.num_computed_tokens)) for r, n in out.scheduled
         )
         tables = {r.request_id: self.kv.block_ids(r.request_id) for r, _ in out.scheduled}
-        plan = build_plan(out.scheduled, tables, self.kv_spec.block_size)
-        logits = self.runner.execute(plan)
-        outputs = self._postprocess(plan, logits)
+        try:
+            plan = build_plan(out.scheduled, tables, self.kv_spec.block_size)
+            logits = self.runner.execute(plan)
+            rows = self._sampling_rows(plan)
+            samples = self.sampler(logits, rows) if logits is not None else None
+        except Exception as e:
+            return self._contain([r for r, _ in out.scheduled], e)
+        outputs = self._postprocess(plan, samples)
         if self.proposer is not None:
             self._propose()
         return outputs
+
+    # -- faults -----------------------------------------------------------------------------
+    def _contain(self, reqs: list[Request], error: Exception) -> list[RequestOutput]:
+        """A step raised. Alone, its request fails with the error; with others, every one of them
+        goes back to wait (its KV recomputed) and runs alone until it draws a token, so only the
+        request that causes the fault fails. If a one-token canary fails too, the engine itself
+        is broken: EngineDead, for the caller to stop on."""
+        if len(reqs) > 1:
+            logger.warning("a step of %d requests failed (%r); isolating them", len(reqs), error)
+            for req in reqs:
+                self.scheduler.requeue(req)
+                req.suspect = True
+            return []
+        logger.warning("request %s failed: %r", reqs[0].request_id, error)
+        out = self._fail(reqs[0], error)
+        try:
+            self.prompt_logits([0])
+        except CapacityError:
+            pass  # no free block to try with: not a sign of a broken engine
+        except Exception as canary:
+            raise EngineDead(f"the engine cannot run a step: {canary!r}") from canary
+        return [out]
+
+    def _fail(self, req: Request, error: Exception) -> RequestOutput:
+        req.error = f"internal error while serving the request: {error!r}"
+        req.spec_token_ids = []
+        self.scheduler.finish(req, "error")
+        self.requests.pop(req.request_id, None)
+        return self._output(req)
 
     @staticmethod
     def _sampling_rows(plan: StepPlan) -> list[SamplingRow]:
@@ -242,9 +276,9 @@ class Engine:
                                         tokens))  # fmt: skip
         return rows
 
-    def _postprocess(self, plan: StepPlan, logits: torch.Tensor | None) -> list[RequestOutput]:
-        """Sample, verify drafts, append what was accepted, credit it, check stops."""
-        samples = self.sampler(logits, self._sampling_rows(plan)) if logits is not None else None
+    def _postprocess(self, plan: StepPlan, samples) -> list[RequestOutput]:
+        """Verify drafts, append what was accepted, credit it, check stops: request by request,
+        so a fault here (a tokenizer that raises, say) fails only its own request."""
         outputs, i = [], 0
         for s in plan.spans:
             req = s.req
@@ -254,19 +288,28 @@ class Engine:
             sampled = samples.token_ids[i : i + s.num_logits]
             logprobs = samples.logprobs[i : i + s.num_logits]
             i += s.num_logits
-            tokens = rejection.verify(sampled, req.spec_token_ids[: s.num_drafts])
-            req.spec_token_ids = []
-            reason = self._append(req, tokens, logprobs)
-            # KV is valid up to the last accepted draft: rejected rows are neither credited nor
-            # published to the prefix cache.
-            computed = s.start + s.num_rows - (s.num_drafts - (len(tokens) - 1))
-            self.scheduler.commit(req, min(computed, req.num_tokens))
-            if reason:
-                self.scheduler.finish(req, reason)
-            outputs.append(self._output(req))
-            if req.finished:
-                del self.requests[req.request_id]
+            try:
+                outputs.append(self._advance(req, s, sampled, logprobs))
+            except Exception as e:
+                logger.warning("request %s failed: %r", req.request_id, e)
+                outputs.append(self._fail(req, e))
         return outputs
+
+    def _advance(self, req: Request, s, sampled: list[int], logprobs) -> RequestOutput:
+        tokens = rejection.verify(sampled, req.spec_token_ids[: s.num_drafts])
+        req.spec_token_ids = []
+        reason = self._append(req, tokens, logprobs)
+        # KV is valid up to the last accepted draft: rejected rows are neither credited nor
+        # published to the prefix cache.
+        computed = s.start + s.num_rows - (s.num_drafts - (len(tokens) - 1))
+        self.scheduler.commit(req, min(computed, req.num_tokens))
+        req.suspect = False  # it ran a whole step: not the cause of an earlier fault
+        if reason:
+            self.scheduler.finish(req, reason)
+        out = self._output(req)
+        if req.finished:
+            del self.requests[req.request_id]
+        return out
 
     def _append(self, req: Request, tokens: list[int], logprobs) -> str | None:
         """Append tokens one by one until one ends the request; returns the finish reason."""
@@ -336,4 +379,6 @@ class Engine:
             finish_reason=req.finish_reason,
             logprobs=req.logprobs,
         )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], done)
+        return RequestOutput(
+            req.request_id, req.prompt, req.prompt_token_ids, [completion], done, req.error
+        )

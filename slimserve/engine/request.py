@@ -36,6 +36,10 @@ class Request:
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why the engine failed it (finish_reason "error")
+        # In a step that raised with others: run alone until it has drawn a token, so the fault
+        # is pinned on the request that causes it (Engine._contain).
+        self.suspect = False
         self.stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else eos_ids
         )

@@ -56,6 +56,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        suspect = next((r for r in self.running if r.suspect), None)
+        if suspect is None:
+            suspect = next((r for r in self.waiting if r.suspect), None)
+        if suspect is not None:
+            out = self._alone(suspect)
+            if out.scheduled:
+                return out
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         i = 0
@@ -92,6 +99,37 @@ class Scheduler:
             out.scheduled.append((req, n))
             budget -= n
         return out
+
+    def _alone(self, req: Request) -> SchedulerOutput:
+        """A step of `req` alone (a suspect: Engine._contain); empty when its KV does not fit
+        now (it then runs with the others)."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        if req.status is RequestStatus.RUNNING:
+            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
+            if self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                out.scheduled.append((req, n))
+            return out
+        hit = self.kv.find_prefix(req.all_token_ids)
+        n = min(req.num_tokens - hit.num_tokens, budget)
+        if self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
+            self.kv.record_lookup(req.num_tokens, hit)
+            req.num_computed_tokens = hit.num_tokens
+            self.waiting.remove(req)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append((req, n))
+        return out
+
+    def requeue(self, req: Request) -> None:
+        """Back to waiting with its KV dropped (recomputed when it runs again): a step that
+        raised left its KV unknown."""
+        if req.status is RequestStatus.RUNNING:
+            self._preempt(req)
+            self.num_preemptions -= 1  # not for want of memory
+        else:
+            self.kv.free(req.request_id)
+            req.num_computed_tokens = 0
 
     def commit(self, req: Request, num_computed: int) -> None:
         """Credit `req` with KV for its first `num_computed` tokens (those accepted: every token

@@ -27,10 +27,16 @@ class HFDirectorySource(ModelSource):
                 self.hf_config = json.load(f)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from e
+        if not isinstance(self.hf_config, dict):
+            raise ModelLoadError(
+                f"{cfg_path} must hold a JSON object, not {type(self.hf_config).__name__}"
+            )
         self.files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not self.files:
             raise ModelLoadError(f"{path} has no *.safetensors weight files")
         archs = self.hf_config.get("architectures") or [self.hf_config.get("model_type", "?")]
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ModelLoadError(f"{cfg_path}: 'architectures' must be a list of names")
         if not is_supported(archs[0]):
             raise UnsupportedModel(f"unsupported architecture {archs[0]!r} in {cfg_path}")
         self.config = self._read_config(archs[0])
@@ -61,6 +67,10 @@ class HFDirectorySource(ModelSource):
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json in {self.path} lacks {e.args[0]!r}") from e
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+            raise ModelLoadError(
+                f"config.json in {self.path} has a field of the wrong shape: {e}"
+            ) from e
 
     def weights(self, keep: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         from safetensors import safe_open

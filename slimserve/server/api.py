@@ -59,6 +59,13 @@ class _Guard:
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and getattr(self.state, "draining", False):
+            if scope["path"].startswith("/v1/") or scope["path"] == "/health":
+                response = _error(
+                    503, "the server is shutting down; retry elsewhere", "capacity_error",
+                    headers={"Retry-After": "5"},
+                )  # fmt: skip
+                return await response(scope, receive, send)
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             headers = dict(scope["headers"])
             key = self.state.server.api_key
@@ -150,6 +157,7 @@ def create_app(async_engine: AsyncEngine, served_name: str, api_key: str | None 
 
 def _app(lifespan) -> FastAPI:
     app = FastAPI(title="slimserve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.draining = False  # set by server/run.py on SIGTERM
     app.add_middleware(_Guard, state=app.state)
 
     @app.exception_handler(RequestValidationError)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from slimserve.errors import EngineDead, RequestFailed, SlimserveError
+
 if TYPE_CHECKING:
     from slimserve.server.api import Server
 
@@ -60,9 +62,16 @@ class _Job:
         try:
             while len(self.finals) < len(self.streams):
                 item = await self.queue.get()
+                if isinstance(item, SlimserveError):  # a drain past its deadline
+                    raise item
                 if isinstance(item, BaseException):
-                    raise RuntimeError(f"engine failed: {item}")
+                    raise EngineDead(f"the engine stopped: {item}")
                 i = self.index[item.request_id]
+                if item.error is not None:
+                    self.finals[i] = item
+                    self.streams[i].finished = True
+                    self.srv.metrics.requests.labels("error").inc()
+                    raise RequestFailed(item.error)
                 if item.outputs[0].token_ids and i not in self.first:
                     self.first[i] = time.monotonic()
                 if item.finished:
@@ -202,10 +211,8 @@ class _Job:
                         "finish_reason": c.finish_reason,
                     }
                 yield self._chunk([choice])
-        except RuntimeError as e:
-            err = {
-                "error": {"message": str(e), "type": "internal_error", "param": None, "code": None}
-            }
+        except SlimserveError as e:  # after the first byte: the stream ends with an error event
+            err = {"error": {"message": str(e), "type": e.error_type, "param": None, "code": None}}
             yield f"data: {json.dumps(err)}\n\n"
             return
         if self.body.include_usage:

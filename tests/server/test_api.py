@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import subprocess
 import time
 
 import httpx
@@ -364,3 +365,60 @@ async def _unreachable(run_load):
     except RuntimeError as e:
         return str(e)
     return ""
+
+
+def _streams_then_sigterm(srv: ServerProcess, n: int, max_tokens: int):
+    """n streams started, then SIGTERM: (texts and whether each ended with [DONE], the status of
+    a request sent during the drain, the exit code, the log)."""
+    import signal
+    import threading
+
+    results, started = [None] * n, threading.Barrier(n + 1)
+
+    def one(i):
+        with httpx.stream(
+            "POST", srv.url + "/v1/completions", timeout=120,
+            json={"prompt": f"Tell story {i}:", "max_tokens": max_tokens, "stream": True,
+                  "ignore_eos": True},
+        ) as r:  # fmt: skip
+            lines = r.iter_lines()
+            first = next(lines)
+            started.wait()
+            results[i] = [first, *lines]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    started.wait()
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    late = httpx.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    for t in threads:
+        t.join(120)
+    try:  # it exits by itself once drained
+        code = srv.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        code = srv.proc.wait()
+    return results, late, code, srv.proc.stdout.read()
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_cleanly():
+    srv = ServerProcess()
+    results, late, code, log = _streams_then_sigterm(srv, 4, 160)
+    assert late.status_code == 503 and late.headers["retry-after"]
+    assert late.json()["error"]["type"] == "capacity_error"
+    for lines in results:
+        data = [ln for ln in lines if ln.startswith("data: ")]
+        assert data[-1] == "data: [DONE]"  # every stream ran to its end
+        assert json.loads(data[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert code == 0 and "Traceback" not in log and "CancelledError" not in log, log
+
+
+def test_drain_past_its_deadline_ends_streams_with_an_error_event():
+    srv = ServerProcess("--drain-timeout", "1")
+    results, _, code, log = _streams_then_sigterm(srv, 3, 2000)
+    for lines in results:
+        data = [ln for ln in lines if ln.startswith("data: ")]
+        assert "shutting down" in json.loads(data[-1][6:])["error"]["message"]
+    assert code == 0 and "Traceback" not in log, log

@@ -56,6 +56,36 @@ def test_corrupt_safetensors(tmp_path):
         list(open_model(str(tmp_path)).weights())
 
 
+GOOD_CONFIG = (
+    '{"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8,'
+    ' "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}'
+)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("[1, 2]", "must hold a JSON object"),
+        ('"llama"', "must hold a JSON object"),
+        ("{", "not valid JSON"),
+        ("", "not valid JSON"),
+        ('{"architectures": "LlamaForCausalLM"}', "must be a list of names"),
+        ('{"architectures": [7]}', "must be a list of names"),
+        ('{"architectures": ["LlamaForCausalLM"]}', "lacks 'num_attention_heads'"),
+        (GOOD_CONFIG.replace('"num_attention_heads": 2', '"num_attention_heads": "2"'),
+         "wrong shape"),
+        (GOOD_CONFIG.replace('"num_attention_heads": 2', '"num_attention_heads": 0'),
+         "wrong shape"),
+        (GOOD_CONFIG[:-1] + ', "rope_scaling": [1]}', "wrong shape"),
+    ],
+)  # fmt: skip
+def test_config_json_of_the_wrong_shape(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(config)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=message):
+        open_model(str(tmp_path))
+
+
 def test_unknown_architecture_gguf(tmp_path):
     import gguf
     import numpy as np
@@ -138,3 +168,15 @@ def test_async_engine_reraises_a_load_error_from_its_thread(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelLoadError, match="not a GGUF file"):
         AsyncEngine(lambda: Engine(EngineConfig(model=str(bad))))
+
+
+def test_cli_with_a_config_json_list_says_one_line_and_exits_2(tmp_path):
+    (tmp_path / "config.json").write_text("[]")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    r = subprocess.run(
+        [sys.executable, "-m", "slimserve", "serve", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "JSON object" in r.stderr
