@@ -19,6 +19,7 @@ def cmd_bench(args) -> int:
         "report": ("report", "run_report"),
         "compare": ("compare", "run_compare"),
         "kernels": ("kernels", "run_kernels"),
+        "invariance": ("invariance", "run_invariance"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -127,6 +128,16 @@ def add_tool_parsers(sub) -> None:
     ker.add_argument("--rounds", type=int, default=3)
     ker.add_argument("--output", default=None, help="write results as JSON here")
     add_engine_args(ker)
+    inv = bsub.add_parser(
+        "invariance", help="batch-invariant attention against SDPA chunks + cascade, A/B"
+    )
+    inv.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 512, 2048])
+    inv.add_argument("--prefix-len", type=int, default=1000, help="the shared system prompt")
+    inv.add_argument("--batch", type=int, default=16)
+    inv.add_argument("--tokens", type=int, default=32, help="decoded per request")
+    inv.add_argument("--rounds", type=int, default=4)
+    inv.add_argument("--output", default=None, help="write results as JSON here")
+    add_engine_args(inv)
     cmp_ = bsub.add_parser("compare", help="ratios between two result files (B / A)")
     cmp_.add_argument("a")
     cmp_.add_argument("b")

@@ -294,6 +294,66 @@ def test_disconnect_while_waiting_non_streaming(server, http):
     assert metric(http, "slimserve_kv_cache_blocks_used") == blocks_before
 
 
+def _settled(http) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (
+        metric(http, "slimserve_num_requests_running")
+        or metric(http, "slimserve_num_requests_waiting")
+    ):
+        time.sleep(0.1)
+
+
+def test_disconnect_storm_and_overload_leak_nothing(server, http):
+    """48 clients at once: streams dropped after a few chunks, non-streamed requests that time
+    out, streams that finish, and completions with n=4; then nothing runs, nothing waits, every
+    KV block is back, and the server answers as before."""
+    blocks_before = metric(http, "slimserve_kv_cache_blocks_used")
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    long = {"model": MODEL, "max_tokens": 400, "ignore_eos": True}
+
+    async def storm():
+        async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=60) as c:
+
+            async def drop_stream(i):
+                body = {**long, "prompt": f"Story {i}:", "stream": True}
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    n = 0
+                    async for _ in r.aiter_lines():
+                        n += 1
+                        if n > 2 + i % 7:
+                            return "dropped"
+
+            async def time_out(i):
+                try:
+                    await c.post(
+                        "/v1/completions",
+                        json={**long, "prompt": f"Essay {i}:"},
+                        timeout=0.5 + i % 3,
+                    )
+                except httpx.TimeoutException:
+                    return "timed out"
+
+            async def finish(i):
+                r = await c.post(
+                    "/v1/completions",
+                    json={"model": MODEL, "prompt": f"{i} + {i} =", "max_tokens": 4, "n": 4},
+                )
+                return r.status_code
+
+            jobs = [drop_stream(i) for i in range(20)] + [time_out(i) for i in range(16)]
+            jobs += [finish(i) for i in range(12)]
+            return await asyncio.gather(*jobs)
+
+    results = asyncio.run(storm())
+    assert results.count("dropped") == 20 and results.count("timed out") == 16
+    assert all(code in (200, 503) for code in results[36:]) and 200 in results[36:]
+    _settled(http)
+    assert metric(http, "slimserve_num_requests_running") == 0
+    assert metric(http, "slimserve_num_requests_waiting") == 0
+    assert metric(http, "slimserve_kv_cache_blocks_used") == blocks_before
+    assert http.get("/health").status_code == 200
+
+
 def test_metrics_parse_and_move(http, client):
     before = metric(http, "slimserve_generation_tokens_total")
     hist = metric(http, "slimserve_time_to_first_token_seconds_count")
