@@ -20,6 +20,7 @@ def cmd_bench(args) -> int:
         "compare": ("compare", "run_compare"),
         "kernels": ("kernels", "run_kernels"),
         "invariance": ("invariance", "run_invariance"),
+        "soak": ("soak", "run_soak"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -138,6 +139,14 @@ def add_tool_parsers(sub) -> None:
     inv.add_argument("--rounds", type=int, default=4)
     inv.add_argument("--output", default=None, help="write results as JSON here")
     add_engine_args(inv)
+    soak = bsub.add_parser("soak", help="our server under a long mixed load; memory and leaks")
+    soak.add_argument("--minutes", type=float, default=30)
+    soak.add_argument("--clients", type=int, default=16)
+    soak.add_argument("--max-queue", type=int, default=8, help="low, so bursts hit 503")
+    soak.add_argument("--kv-cache-memory", default="128MiB")
+    soak.add_argument("--sample-s", type=float, default=10.0)
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--output", default=None, help="write results as JSON here")
     cmp_ = bsub.add_parser("compare", help="ratios between two result files (B / A)")
     cmp_.add_argument("a")
     cmp_.add_argument("b")

@@ -15,9 +15,14 @@
      out      (B, Hkv, G, D) float32
      lse      (B, Hkv, G) float32 log-sum-exp of each query row's scores, or NULL
 
-   With AVX2 and FMA (and D a multiple of 8), each key row is loaded once for up to four query
-   rows held in registers, values are accumulated in registers across the chunk, and exp is a
-   vectorized polynomial; otherwise plain loops do the same arithmetic.
+   Every query row is one of these, a prompt chunk's as much as a decode's (backends/native_cpu.py):
+   up to 8 consecutive rows of one sequence form a tile, whose key and value chunks are gathered
+   (and converted to float32) once for all of them. A row's arithmetic depends on its own length
+   alone, never on its tile or batch: that is what keeps greedy output batch-invariant.
+
+   With AVX2 and FMA (and D a multiple of 8), scores take four keys per load of a query row and
+   share one horizontal-sum shuffle, values are accumulated in registers across the chunk, and
+   exp is a vectorized polynomial; otherwise plain loops do the same steps.
 */
 #include <math.h>
 #include <stddef.h>
@@ -121,65 +126,157 @@ static void exp_inplace_avx2(float *x, int n) {
     for (; i < n; i++) x[i] = expf(x[i]);
 }
 
-/* Scores of up to four query rows (q + g0 * D ...) against every row of the chunk. */
-static void scores_avx2(const float *q, const char *const *rows, int n, int G, int D,
-                        int kind, float scale, float s[][CHUNK]) {
-    for (int g0 = 0; g0 < G; g0 += 4) {
-        int gn = G - g0 < 4 ? G - g0 : 4;
-        const float *q0 = q + g0 * D;
-        for (int i = 0; i < n; i++) {
+/* A chunk's rows as float32 (what load8 gives: int8 codes unscaled, bf16 widened) and each
+   row's scale, so the loops below read plain floats and fold the load into the FMA: each key and
+   value row is converted once per chunk instead of once per group of query rows and d-block. */
+static void chunk_floats(const char *const *rows, int n, int D, int kind, float *buf,
+                         float *row_scales, const float **ptrs) {
+    for (int i = 0; i < n; i++) {
+        row_scales[i] = row_scale(rows[i], D, kind);
+        if (kind == F32) { /* already floats: read in place */
+            ptrs[i] = (const float *)rows[i];
+            continue;
+        }
+        float *dst = buf + (int64_t)i * D;
+        for (int d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, load8(rows[i], d, kind));
+        ptrs[i] = dst;
+    }
+}
+
+/* Four horizontal sums at once, each with hsum8's pairing ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)),
+   so every sum has the same bits as hsum8 gives it alone. */
+static inline void hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d, float out[4]) {
+    __m256 xab = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    __m256 xcd = _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
+    __m256 y = _mm256_add_ps(_mm256_shuffle_ps(xab, xcd, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(xab, xcd, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 z = _mm256_add_ps(_mm256_shuffle_ps(y, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm256_shuffle_ps(y, y, _MM_SHUFFLE(3, 1, 3, 1)));
+    float t[8];
+    _mm256_storeu_ps(t, z); /* [a, c, a, c | b, d, b, d] */
+    out[0] = t[0], out[1] = t[4], out[2] = t[1], out[3] = t[5];
+}
+
+/* Scores of every query row (q + g * D) against the chunk's n key rows: per score, eight
+   lanes accumulate over d in order, then hsum8's pairing, then the row's scale. Four keys at a
+   time share each load of q. */
+static void scores_avx2(const float *q, const float *const *k, const float *kscale, int n,
+                        int G, int D, float scale, float s[][CHUNK]) {
+    for (int g = 0; g < G; g++) {
+        const float *qg = q + g * D;
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int d = 0; d < D; d += 8) {
-                __m256 kv = load8(rows[i], d, kind);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kv, a0);
-                if (gn > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + d), kv, a1);
-                if (gn > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + d), kv, a2);
-                if (gn > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + d), kv, a3);
+                __m256 qv = _mm256_loadu_ps(qg + d);
+                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + d), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i + 1] + d), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i + 2] + d), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i + 3] + d), a3);
             }
-            float ks = scale * row_scale(rows[i], D, kind);
-            s[g0][i] = hsum8(a0) * ks;
-            if (gn > 1) s[g0 + 1][i] = hsum8(a1) * ks;
-            if (gn > 2) s[g0 + 2][i] = hsum8(a2) * ks;
-            if (gn > 3) s[g0 + 3][i] = hsum8(a3) * ks;
+            float h[4];
+            hsum8x4(a0, a1, a2, a3, h);
+            for (int j = 0; j < 4; j++) s[g][i + j] = h[j] * (scale * kscale[i + j]);
+        }
+        for (; i < n; i++) {
+            __m256 a0 = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8)
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(k[i] + d), a0);
+            s[g][i] = hsum8(a0) * (scale * kscale[i]);
         }
     }
 }
 
-/* acc[g][d:d+8] += sum_i p[g][i] * v_i[d:d+8], four query rows' accumulators in registers. */
-static void accumulate_avx2(const char *const *rows, int n, int G, int D, int kind,
+/* acc[g][d] += sum_i p[g][i] * vscale_i * v_i[d], in order of i: one query row at a time, 64
+   columns of its accumulator held in registers across the chunk's rows. */
+static void accumulate_avx2(const float *const *v, const float *vscale, int n, int G, int D,
                             float p[][CHUNK], float acc[][MAX_D]) {
-    float w[MAX_G][CHUNK];
-    for (int g = 0; g < G; g++)
-        for (int i = 0; i < n; i++) w[g][i] = p[g][i] * row_scale(rows[i], D, kind);
-    for (int g0 = 0; g0 < G; g0 += 4) {
-        int gn = G - g0 < 4 ? G - g0 : 4;
-        for (int d = 0; d < D; d += 8) {
-            __m256 a0 = _mm256_loadu_ps(acc[g0] + d);
-            __m256 a1 = gn > 1 ? _mm256_loadu_ps(acc[g0 + 1] + d) : a0;
-            __m256 a2 = gn > 2 ? _mm256_loadu_ps(acc[g0 + 2] + d) : a0;
-            __m256 a3 = gn > 3 ? _mm256_loadu_ps(acc[g0 + 3] + d) : a0;
+    for (int g = 0; g < G; g++) {
+        float w[CHUNK];
+        for (int i = 0; i < n; i++) w[i] = p[g][i] * vscale[i];
+        int d0 = 0;
+        for (; d0 + 64 <= D; d0 += 64) { /* a constant trip count: the eight stay in registers */
+            __m256 a0 = _mm256_loadu_ps(acc[g] + d0), a1 = _mm256_loadu_ps(acc[g] + d0 + 8);
+            __m256 a2 = _mm256_loadu_ps(acc[g] + d0 + 16), a3 = _mm256_loadu_ps(acc[g] + d0 + 24);
+            __m256 a4 = _mm256_loadu_ps(acc[g] + d0 + 32), a5 = _mm256_loadu_ps(acc[g] + d0 + 40);
+            __m256 a6 = _mm256_loadu_ps(acc[g] + d0 + 48), a7 = _mm256_loadu_ps(acc[g] + d0 + 56);
             for (int i = 0; i < n; i++) {
-                __m256 vv = load8(rows[i], d, kind);
-                a0 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0][i]), vv, a0);
-                if (gn > 1) a1 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0 + 1][i]), vv, a1);
-                if (gn > 2) a2 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0 + 2][i]), vv, a2);
-                if (gn > 3) a3 = _mm256_fmadd_ps(_mm256_set1_ps(w[g0 + 3][i]), vv, a3);
+                const __m256 wi = _mm256_set1_ps(w[i]);
+                const float *vi = v[i] + d0;
+                a0 = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi), a0);
+                a1 = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi + 8), a1);
+                a2 = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi + 16), a2);
+                a3 = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi + 24), a3);
+                a4 = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi + 32), a4);
+                a5 = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi + 40), a5);
+                a6 = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi + 48), a6);
+                a7 = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi + 56), a7);
             }
-            _mm256_storeu_ps(acc[g0] + d, a0);
-            if (gn > 1) _mm256_storeu_ps(acc[g0 + 1] + d, a1);
-            if (gn > 2) _mm256_storeu_ps(acc[g0 + 2] + d, a2);
-            if (gn > 3) _mm256_storeu_ps(acc[g0 + 3] + d, a3);
+            _mm256_storeu_ps(acc[g] + d0, a0), _mm256_storeu_ps(acc[g] + d0 + 8, a1);
+            _mm256_storeu_ps(acc[g] + d0 + 16, a2), _mm256_storeu_ps(acc[g] + d0 + 24, a3);
+            _mm256_storeu_ps(acc[g] + d0 + 32, a4), _mm256_storeu_ps(acc[g] + d0 + 40, a5);
+            _mm256_storeu_ps(acc[g] + d0 + 48, a6), _mm256_storeu_ps(acc[g] + d0 + 56, a7);
+        }
+        for (; d0 < D; d0 += 64) { /* the last D % 64 columns */
+            const int nb = (D - d0) / 8;
+            __m256 a[8];
+            for (int b = 0; b < nb; b++) a[b] = _mm256_loadu_ps(acc[g] + d0 + 8 * b);
+            for (int i = 0; i < n; i++) {
+                const __m256 wi = _mm256_set1_ps(w[i]);
+                const float *vi = v[i] + d0;
+                for (int b = 0; b < nb; b++)
+                    a[b] = _mm256_fmadd_ps(wi, _mm256_loadu_ps(vi + 8 * b), a[b]);
+            }
+            for (int b = 0; b < nb; b++) _mm256_storeu_ps(acc[g] + d0 + 8 * b, a[b]);
         }
     }
 }
 #endif
 
+/* The online softmax step of one chunk, with the scalar loop's results: the maximum and the
+   subtraction are exact in any order, so they run eight lanes wide; each row's sum stays in
+   order of i, the G rows' sums interleaved so that their dependency chains overlap. */
+static void softmax_chunk_avx2(float s[][CHUNK], int n, int G, int D, float *m, float *l,
+                               float acc[][MAX_D]) {
+    for (int g = 0; g < G; g++) {
+        float mx = m[g];
+        int i = 0;
+        if (n >= 8) {
+            __m256 v = _mm256_loadu_ps(s[g]);
+            for (i = 8; i + 8 <= n; i += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(s[g] + i));
+            float t[8];
+            _mm256_storeu_ps(t, v);
+            for (int j = 0; j < 8; j++) mx = t[j] > mx ? t[j] : mx;
+        }
+        for (; i < n; i++) mx = s[g][i] > mx ? s[g][i] : mx;
+        if (mx > m[g]) {
+            float c = expf(m[g] - mx); /* exp(-inf) = 0 on the first chunk */
+            l[g] *= c;
+            for (int d = 0; d < D; d++) acc[g][d] *= c;
+            m[g] = mx;
+        }
+        const __m256 mv = _mm256_set1_ps(mx);
+        for (i = 0; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(s[g] + i, _mm256_sub_ps(_mm256_loadu_ps(s[g] + i), mv));
+        for (; i < n; i++) s[g][i] -= mx;
+        exp_inplace_avx2(s[g], n);
+    }
+    for (int i = 0; i < n; i++)
+        for (int g = 0; g < G; g++) l[g] += s[g][i];
+}
+
 /* ---- one (sequence, KV head) ------------------------------------------------------------ */
 
-/* Tokens [begin, end) of one (sequence, KV head). */
-static void one_head(const float *q, const char *k, const char *v, const int64_t *table,
-                     int64_t begin, int64_t len, int block_size, int G, int D, int kind,
-                     float scale, float *out, float *lse) {
+/* R consecutive query positions of one sequence and KV head (a tile: R = 1 for a decode), row
+   r attending to tokens [begin, ends[r]): each chunk's key and value rows are gathered (and
+   converted) once for all R * G query rows. Row r's arithmetic is exactly what it would be alone
+   (the chunk grid starts at `begin` for every row and each row stops at its own end), so tiling
+   changes no bit. Query rows of position r: q + r * ldq; its output and log-sum-exp go to outs[r]
+   and lses[r] (NULL: none). R * G <= MAX_G. */
+static void tile_heads(const float *q, int64_t ldq, int R, const char *k, const char *v,
+                       const int64_t *table, int64_t begin, const int64_t *ends, int block_size,
+                       int G, int D, int kind, float scale, float *const *outs,
+                       float *const *lses) {
     const int64_t row_bytes = row_bytes_of(kind, D);
     const int shift = __builtin_ctz((unsigned)block_size);
 #ifdef HAVE_AVX2
@@ -190,55 +287,70 @@ static void one_head(const float *q, const char *k, const char *v, const int64_t
     float acc[MAX_G][MAX_D];
     float m[MAX_G], l[MAX_G], s[MAX_G][CHUNK];
     const char *krows[CHUNK], *vrows[CHUNK];
-    for (int g = 0; g < G; g++) {
+#ifdef HAVE_AVX2
+    float kbuf[CHUNK * MAX_D], vbuf[CHUNK * MAX_D], kscale[CHUNK], vscale[CHUNK];
+    const float *kf[CHUNK], *vf[CHUNK];
+#endif
+    int64_t last = 0;
+    for (int r = 0; r < R; r++) last = ends[r] > last ? ends[r] : last;
+    for (int g = 0; g < R * G; g++) {
         m[g] = -INFINITY;
         l[g] = 0.f;
         for (int d = 0; d < D; d++) acc[g][d] = 0.f;
     }
-    for (int64_t t0 = begin; t0 < len; t0 += CHUNK) {
-        int n = (int)(len - t0 < CHUNK ? len - t0 : CHUNK);
-        for (int i = 0; i < n; i++) { /* block_size is a power of two: no division */
+    for (int64_t t0 = begin; t0 < last; t0 += CHUNK) {
+        int n_all = (int)(last - t0 < CHUNK ? last - t0 : CHUNK);
+        for (int i = 0; i < n_all; i++) { /* block_size is a power of two: no division */
             int64_t t = t0 + i;
             int64_t slot = (table[t >> shift] << shift) | (t & (block_size - 1));
             krows[i] = k + slot * row_bytes;
             vrows[i] = v + slot * row_bytes;
         }
 #ifdef HAVE_AVX2
-        if (fast)
-            scores_avx2(q, krows, n, G, D, kind, scale, s);
-        else
-#endif
-            scores_plain(q, krows, n, G, D, kind, scale, s);
-        /* rescale the running sums to the new maxima, then turn scores into weights */
-        for (int g = 0; g < G; g++) {
-            float mx = m[g];
-            for (int i = 0; i < n; i++) mx = s[g][i] > mx ? s[g][i] : mx;
-            if (mx > m[g]) {
-                float c = expf(m[g] - mx); /* exp(-inf) = 0 on the first chunk */
-                l[g] *= c;
-                for (int d = 0; d < D; d++) acc[g][d] *= c;
-                m[g] = mx;
-            }
-            for (int i = 0; i < n; i++) s[g][i] -= mx;
-#ifdef HAVE_AVX2
-            if (fast)
-                exp_inplace_avx2(s[g], n);
-            else
-#endif
-                exp_inplace_plain(s[g], n);
-            for (int i = 0; i < n; i++) l[g] += s[g][i];
+        if (fast) {
+            chunk_floats(krows, n_all, D, kind, kbuf, kscale, kf);
+            chunk_floats(vrows, n_all, D, kind, vbuf, vscale, vf);
         }
-#ifdef HAVE_AVX2
-        if (fast)
-            accumulate_avx2(vrows, n, G, D, kind, s, acc);
-        else
 #endif
-            accumulate_plain(vrows, n, G, D, kind, s, acc);
+        for (int r = 0; r < R; r++) {
+            if (ends[r] <= t0) continue;
+            const int n = (int)(ends[r] - t0 < CHUNK ? ends[r] - t0 : CHUNK);
+            const float *qr = q + r * ldq;
+            float(*sr)[CHUNK] = s + r * G, (*ar)[MAX_D] = acc + r * G;
+            float *mr = m + r * G, *lr = l + r * G;
+#ifdef HAVE_AVX2
+            if (fast) {
+                scores_avx2(qr, kf, kscale, n, G, D, scale, sr);
+                softmax_chunk_avx2(sr, n, G, D, mr, lr, ar);
+                accumulate_avx2(vf, vscale, n, G, D, sr, ar);
+                continue;
+            }
+#endif
+            scores_plain(qr, krows, n, G, D, kind, scale, sr);
+            /* rescale the running sums to the new maxima, then turn scores into weights */
+            for (int g = 0; g < G; g++) {
+                float mx = mr[g];
+                for (int i = 0; i < n; i++) mx = sr[g][i] > mx ? sr[g][i] : mx;
+                if (mx > mr[g]) {
+                    float c = expf(mr[g] - mx); /* exp(-inf) = 0 on the first chunk */
+                    lr[g] *= c;
+                    for (int d = 0; d < D; d++) ar[g][d] *= c;
+                    mr[g] = mx;
+                }
+                for (int i = 0; i < n; i++) sr[g][i] -= mx;
+                exp_inplace_plain(sr[g], n);
+                for (int i = 0; i < n; i++) lr[g] += sr[g][i];
+            }
+            accumulate_plain(vrows, n, G, D, kind, sr, ar);
+        }
     }
-    for (int g = 0; g < G; g++) {
-        float inv = 1.f / l[g];
-        for (int d = 0; d < D; d++) out[g * D + d] = acc[g][d] * inv;
-        if (lse) lse[g] = m[g] + logf(l[g]);
+    for (int r = 0; r < R; r++) {
+        for (int g = 0; g < G; g++) {
+            const int j = r * G + g;
+            float inv = 1.f / l[j];
+            for (int d = 0; d < D; d++) outs[r][g * D + d] = acc[j][d] * inv;
+            if (lses[r]) lses[r][g] = m[j] + logf(l[j]);
+        }
     }
 }
 
@@ -283,38 +395,70 @@ static void merge_parts(const float *parts, int64_t np, int64_t Hkv, int64_t G, 
     }
 }
 
+/* Up to this many consecutive rows of one sequence (a prompt chunk, a verify) share a tile. */
+#define TILE 8
+
+/* Whether row e continues row e - 1's tile: the next position of the same sequence (same table,
+   one more token) with the same partitions as the tile's first row b. */
+static int continues(const PagedKV *kv, int64_t b, int64_t e) {
+    const int64_t len = kv->lens[e];
+    if (len != kv->lens[e - 1] + 1 || parts_of(len) != parts_of(kv->lens[b])) return 0;
+    const int64_t nblk = (len + kv->block_size - 1) / kv->block_size;
+    return !memcmp(kv->tables + b * kv->max_blocks, kv->tables + e * kv->max_blocks,
+                   (size_t)nblk * sizeof(int64_t));
+}
+
 void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_t B, int64_t Hkv,
                           int64_t G, int64_t D, float scale, float *out, int64_t ldo, float *lse) {
     const int64_t row_bytes = row_bytes_of((int)kv->kind, D), slot = G * (D + 1);
-    /* sequence b's pieces are units first[b] .. first[b + 1] - 1; a cut one's partials start at
-       partition slot base[b] of kv->partials (slot p, head h: (p * Hkv + h) * slot floats) */
-    int64_t first[B + 1], base[B + 1];
-    first[0] = base[0] = 0;
-    for (int64_t b = 0; b < B; b++) {
-        int64_t np = parts_of(kv->lens[b]);
-        first[b + 1] = first[b] + np;
-        base[b + 1] = base[b] + (np > 1 ? np : 0);
+    /* a cut sequence b's partials start at partition slot base[b] of kv->partials (slot p, head
+       h: (p * Hkv + h) * slot floats) */
+    int64_t base[B + 1];
+    base[0] = 0;
+    for (int64_t b = 0; b < B; b++)
+        base[b + 1] = base[b] + (parts_of(kv->lens[b]) > 1 ? parts_of(kv->lens[b]) : 0);
+    /* tiles: rows tile[t] .. tile[t + 1] - 1; tile t's pieces are units first[t] .. first[t + 1] - 1
+       (its partitions) */
+    const int64_t max_rows = MAX_G / G < TILE ? MAX_G / G : TILE;
+    int64_t tile[B + 1], first[B + 1], nt = 0;
+    first[0] = 0;
+    for (int64_t b = 0; b < B; nt++) {
+        int64_t e = b + 1;
+        while (e < B && e - b < max_rows && continues(kv, b, e)) e++;
+        tile[nt] = b;
+        first[nt + 1] = first[nt] + parts_of(kv->lens[b]);
+        b = e;
     }
+    tile[nt] = B;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < first[B] * Hkv; w++) {
-        int64_t u = w / Hkv, h = w % Hkv, b = 0;
-        while (first[b + 1] <= u) b++;
-        int64_t part = u - first[b], np = first[b + 1] - first[b], len = kv->lens[b];
-        float *o = out + b * ldo + h * G * D, *l = lse ? lse + (b * Hkv + h) * G : NULL;
-        if (np > 1) {
-            o = kv->partials + ((base[b] + part) * Hkv + h) * slot;
-            l = o + G * D;
-            len = (part + 1) * PARTITION < len ? (part + 1) * PARTITION : len;
+    for (int64_t w = 0; w < first[nt] * Hkv; w++) {
+        int64_t u = w / Hkv, h = w % Hkv, t = 0;
+        while (first[t + 1] <= u) t++;
+        const int64_t b0 = tile[t], R = tile[t + 1] - b0, part = u - first[t];
+        const int64_t np = first[t + 1] - first[t];
+        int64_t ends[TILE];
+        float *outs[TILE], *lses[TILE];
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t b = b0 + r, len = kv->lens[b];
+            if (np > 1) {
+                outs[r] = kv->partials + ((base[b] + part) * Hkv + h) * slot;
+                lses[r] = outs[r] + G * D;
+                ends[r] = (part + 1) * PARTITION < len ? (part + 1) * PARTITION : len;
+            } else {
+                outs[r] = out + b * ldo + h * G * D;
+                lses[r] = lse ? lse + (b * Hkv + h) * G : NULL;
+                ends[r] = len;
+            }
         }
-        one_head(q + b * ldq + h * G * D, kv->k + h * kv->slots * row_bytes,
-                 kv->v + h * kv->slots * row_bytes, kv->tables + b * kv->max_blocks,
-                 part * PARTITION, len, (int)kv->block_size, (int)G, (int)D, (int)kv->kind, scale,
-                 o, l);
+        tile_heads(q + b0 * ldq + h * G * D, ldq, (int)R, kv->k + h * kv->slots * row_bytes,
+                   kv->v + h * kv->slots * row_bytes, kv->tables + b0 * kv->max_blocks,
+                   part * PARTITION, ends, (int)kv->block_size, (int)G, (int)D, (int)kv->kind,
+                   scale, outs, lses);
     }
     if (base[B] == 0) return; /* no sequence was cut */
 #pragma omp for
     for (int64_t w = 0; w < B * Hkv; w++) {
-        int64_t b = w / Hkv, h = w % Hkv, np = first[b + 1] - first[b];
+        int64_t b = w / Hkv, h = w % Hkv, np = parts_of(kv->lens[b]);
         if (np > 1)
             merge_parts(kv->partials + (base[b] * Hkv + h) * slot, np, Hkv, G, D,
                         out + b * ldo + h * G * D, lse ? lse + w * G : NULL);

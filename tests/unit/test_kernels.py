@@ -57,6 +57,31 @@ def test_paged_decode_matches_sdpa(dtype, block_size, G, D):
     assert none is None and torch.equal(no_lse, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+# (start, rows): a fresh prompt, rows crossing the 256-token partition, a long context; D = 20
+# the portable loops, G = 5 tiles of six positions.
+@pytest.mark.parametrize("G,D,start,n", [(3, 64, 0, 45), (3, 64, 240, 40), (4, 128, 500, 30),
+                                         (5, 64, 3, 20), (2, 20, 30, 19)])  # fmt: skip
+def test_rows_of_one_prompt_tiled_equal_each_row_alone(dtype, G, D, start, n):
+    """Consecutive rows of one sequence share a tile (each key chunk read once for all of
+    them); every row's bits must be what it gets alone, which batch invariance rests on."""
+    torch.manual_seed(1)
+    Hkv, bs = 2, 16
+    L = start + n
+    nblk = -(-L // bs)
+    k_cache = _encode(torch.randn(Hkv, (nblk + 1) * bs, D), dtype).contiguous()
+    v_cache = _encode(torch.randn(Hkv, (nblk + 1) * bs, D), dtype).contiguous()
+    tables = (torch.randperm(nblk) + 1).repeat(n, 1)
+    lens = torch.arange(start + 1, L + 1)
+    q = torch.randn(n, Hkv, G, D)
+    out, lse = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, bs, 0.125, True)
+    for i in range(n):
+        o1, l1 = kernels.paged_decode_attention(
+            q[i : i + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], bs, 0.125, True
+        )
+        assert torch.equal(o1[0], out[i]) and torch.equal(l1[0], lse[i]), i
+
+
 def test_paged_decode_reads_only_its_blocks():
     """Slots outside a sequence's table (or past its length) hold NaN; none may leak in."""
     Hkv, G, D, bs = 1, 2, 16, 4

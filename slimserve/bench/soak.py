@@ -1,0 +1,148 @@
+"""`slimserve bench soak`: our server under a long mixed load, its memory sampled as it goes.
+
+The load, from `--clients` concurrent loops: streamed chats, plain completions with n > 1,
+streams dropped after a few chunks, non-streamed requests that time out, malformed bodies, and
+bursts past --max-queue. Every answer is checked (a 2xx, or a 4xx/503 with an OpenAI error;
+never another 5xx). Every `--sample-s` seconds the server process's resident memory is read
+from /proc; at the end, requests running and KV blocks in use must be back to zero. Reported:
+requests by outcome, RSS at start, end and peak (MiB), and blocks leaked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+
+import httpx
+
+from slimserve.bench.peers import free_port, wait_healthy
+from slimserve.bench.runinfo import run_info
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+async def _client(c: httpx.AsyncClient, rng: random.Random, until: float, counts: dict):
+    def count(key):
+        counts[key] = counts.get(key, 0) + 1
+
+    while time.monotonic() < until:
+        kind = rng.choice(["chat", "n", "drop", "timeout", "bad", "bad"])
+        msgs = [{"role": "user", "content": f"Question {rng.randrange(10**6)}: tell me a fact."}]
+        try:
+            if kind == "chat":
+                body = {"messages": msgs, "max_tokens": rng.randrange(1, 48), "stream": True}
+                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    text = "".join([line async for line in r.aiter_lines()])
+                ok = r.status_code == 503 or "[DONE]" in text
+                count("stream ok" if ok else "stream FAILED")
+            elif kind == "n":
+                body = {"prompt": f"{rng.randrange(100)} +", "max_tokens": 8, "n": 3}
+                r = await c.post("/v1/completions", json=body)
+                count("n=3 ok" if r.status_code in (200, 503) else f"n=3 FAILED {r.status_code}")
+            elif kind == "drop":
+                body = {"messages": msgs, "max_tokens": 200, "stream": True, "ignore_eos": True}
+                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    n = 0
+                    async for _ in r.aiter_lines():
+                        n += 1
+                        if n > rng.randrange(2, 10):
+                            break
+                count("dropped")
+            elif kind == "timeout":
+                body = {"prompt": "Essay:", "max_tokens": 300, "ignore_eos": True}
+                try:
+                    await c.post("/v1/completions", json=body, timeout=rng.uniform(0.2, 1.5))
+                    count("finished before its timeout")
+                except httpx.TimeoutException:
+                    count("timed out")
+            else:
+                body = rng.choice(
+                    [
+                        '{"messages": "x"}',
+                        '{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                        '{"messages": [{"role": "user", "content": "hi"}], "top_k": 1e30}',
+                        '{"prompt": [], "max_tokens": 2}',
+                        "not json",
+                    ]
+                )
+                path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+                r = await c.post(path, content=body, headers={"Content-Type": "application/json"})
+                good = r.status_code == 400 and set(r.json()["error"]) >= {"message", "type"}
+                count("rejected cleanly" if good else f"bad FAILED {r.status_code}")
+        except httpx.HTTPError as e:
+            count(f"transport error {type(e).__name__}")
+
+
+def run_soak(args) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "slimserve", "serve", "--port", str(port)]
+    cmd += ["--max-queue", str(args.max_queue), "--kv-cache-memory", args.kv_cache_memory]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(proc, url, "slimserve serve")
+        samples = [(0.0, _rss_mib(proc.pid))]
+        counts: dict = {}
+
+        async def main():
+            t0 = time.monotonic()
+            until = t0 + args.minutes * 60
+            async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+                rng = random.Random(args.seed)
+                tasks = [
+                    asyncio.create_task(_client(c, random.Random(rng.random()), until, counts))
+                    for _ in range(args.clients)
+                ]
+                while time.monotonic() < until:
+                    await asyncio.sleep(args.sample_s)
+                    samples.append((time.monotonic() - t0, _rss_mib(proc.pid)))
+                await asyncio.gather(*tasks)
+
+        asyncio.run(main())
+        time.sleep(2)
+        metrics = httpx.get(url + "/metrics").text
+        running = _metric(metrics, "slimserve_num_requests_running")
+        blocks = _metric(metrics, "slimserve_kv_cache_blocks_used")
+        samples.append((samples[-1][0] + 2, _rss_mib(proc.pid)))
+        healthy = httpx.get(url + "/health").status_code == 200
+    finally:
+        proc.terminate()
+        code = proc.wait(60)
+    rss = [m for _, m in samples]
+    result = {
+        "minutes": args.minutes,
+        "clients": args.clients,
+        "outcomes": dict(sorted(counts.items())),
+        "requests": sum(counts.values()),
+        "rss_mib": {"start": rss[0], "end": rss[-1], "peak": max(rss)},
+        "rss_after_first_minute_mib": next((m for t, m in samples if t >= 60), rss[-1]),
+        "running_after": running,
+        "kv_blocks_used_after": blocks,
+        "healthy_after": healthy,
+        "exit_code": code,
+    }
+    print(json.dumps(result, indent=1))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"run": run_info(), **result, "samples": samples}, f, indent=1)
+        print(f"wrote {args.output}", file=sys.stderr)
+    failed = sum(v for k, v in counts.items() if "FAILED" in k or "transport" in k)
+    if running or blocks or not healthy or code or failed:
+        raise RuntimeError("the soak left requests running, blocks held, or failed answers")
