@@ -180,3 +180,57 @@ def test_cli_with_a_config_json_list_says_one_line_and_exits_2(tmp_path):
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "JSON object" in r.stderr
+
+
+def _corrupt(kind: str, tmp_path, gguf_path, llm) -> str:
+    """A model path of one kind of damage."""
+    if kind == "truncated":
+        bad = tmp_path / "trunc.gguf"
+        with open(gguf_path, "rb") as f:
+            bad.write_bytes(f.read(os.path.getsize(gguf_path) // 3))
+    elif kind == "random bytes":
+        bad = tmp_path / "random.gguf"
+        bad.write_bytes(os.urandom(1 << 16))
+    elif kind == "empty file":
+        bad = tmp_path / "empty.gguf"
+        bad.write_bytes(b"")
+    elif kind == "config list":
+        bad = tmp_path
+        (bad / "config.json").write_text("[]")
+        (bad / "model.safetensors").write_bytes(b"")
+    else:  # a checkpoint with one tensor missing
+        from safetensors.torch import load_file, save_file
+
+        from .test_hf_models import make_hf_dir
+
+        make_hf_dir(tmp_path, llm, "llama")
+        path = tmp_path / "model.safetensors"
+        tensors = load_file(path)
+        del tensors["model.layers.1.mlp.down_proj.weight"]
+        save_file(tensors, path, metadata={"format": "pt"})
+        bad = tmp_path
+    return str(bad)
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("truncated", "truncated"),
+        ("random bytes", "not a GGUF file"),
+        ("empty file", "GGUF"),
+        ("config list", "JSON object"),
+        ("missing tensor", "lacks 1 tensors"),
+    ],
+)
+def test_corrupt_models_end_the_cli_with_one_line_and_exit_2(
+    tmp_path, gguf_path, llm, kind, message
+):
+    model = _corrupt(kind, tmp_path, gguf_path, llm)
+    r = subprocess.run(
+        [sys.executable, "-m", "slimserve", "generate", "hi", "--model", model],
+        capture_output=True,
+        text=True,
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert lines[-1].startswith("error: ") and message in lines[-1], r.stderr
