@@ -108,6 +108,7 @@ def test_fuzzed_bodies_get_openai_answers_and_leave_the_server_clean(server):
             max_examples=250,
             deadline=None,
             database=None,
+            derandomize=True,  # the same examples every run: CI is not a lottery
             suppress_health_check=list(HealthCheck),
         )
         @given(ROUTES)
@@ -123,4 +124,5 @@ def test_fuzzed_bodies_get_openai_answers_and_leave_the_server_clean(server):
         assert http.get("/v1/models").status_code == 200
         assert metric(http, "slimserve_num_requests_running") == 0
         assert metric(http, "slimserve_kv_cache_blocks_used") == 0
+    print("fuzz statuses", {c: sent.count(c) for c in set(sent)})
     assert len(sent) >= 200 and sent.count(200) >= 10 and sent.count(400) >= 50
