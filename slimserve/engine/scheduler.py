@@ -68,7 +68,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
+            n = self._rows(req, budget)
             while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 victim = max(self.running[i:], key=_order)
                 self._preempt(victim)
@@ -86,19 +86,31 @@ class Scheduler:
             and not out.preempted
             and len(self.running) < self.config.max_num_seqs
         ):
-            req = self.waiting[0]  # num_computed_tokens is 0 for every waiting request
-            hit = self.kv.find_prefix(req.all_token_ids)
-            n = min(req.num_tokens - hit.num_tokens, budget)
-            if not self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
+            n = self._admit(self.waiting[0], budget)
+            if not n:
                 break
-            self.kv.record_lookup(req.num_tokens, hit)
-            req.num_computed_tokens = hit.num_tokens
-            self.waiting.pop(0)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            out.scheduled.append((req, n))
+            out.scheduled.append((self.running[-1], n))
             budget -= n
         return out
+
+    @staticmethod
+    def _rows(req: Request, budget: int) -> int:
+        """A running request's new rows this step: what it has not computed, drafts included."""
+        return min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
+
+    def _admit(self, req: Request, budget: int) -> int:
+        """Move waiting `req` to running with its prefix-cache hit and KV for up to `budget` new
+        rows; returns the rows, or 0 (left waiting) when the KV does not fit."""
+        hit = self.kv.find_prefix(req.all_token_ids)  # num_computed_tokens is 0 while waiting
+        n = min(req.num_tokens - hit.num_tokens, budget)
+        if not self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
+            return 0
+        self.kv.record_lookup(req.num_tokens, hit)
+        req.num_computed_tokens = hit.num_tokens
+        self.waiting.remove(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return n
 
     def _alone(self, req: Request) -> SchedulerOutput:
         """A step of `req` alone (a suspect: Engine._contain); empty when its KV does not fit
@@ -106,30 +118,18 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         if req.status is RequestStatus.RUNNING:
-            n = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
+            n = self._rows(req, budget)
             if self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
                 out.scheduled.append((req, n))
-            return out
-        hit = self.kv.find_prefix(req.all_token_ids)
-        n = min(req.num_tokens - hit.num_tokens, budget)
-        if self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
-            self.kv.record_lookup(req.num_tokens, hit)
-            req.num_computed_tokens = hit.num_tokens
-            self.waiting.remove(req)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+        elif n := self._admit(req, budget):
             out.scheduled.append((req, n))
         return out
 
     def requeue(self, req: Request) -> None:
-        """Back to waiting with its KV dropped (recomputed when it runs again): a step that
-        raised left its KV unknown."""
-        if req.status is RequestStatus.RUNNING:
-            self._preempt(req)
-            self.num_preemptions -= 1  # not for want of memory
-        else:
-            self.kv.free(req.request_id)
-            req.num_computed_tokens = 0
+        """A running request back to waiting with its KV dropped (recomputed when it runs
+        again): a step that raised left its KV unknown."""
+        self._preempt(req)
+        self.num_preemptions -= 1  # not for want of memory
 
     def commit(self, req: Request, num_computed: int) -> None:
         """Credit `req` with KV for its first `num_computed` tokens (those accepted: every token
