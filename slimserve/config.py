@@ -74,6 +74,39 @@ class SchedulerConfig:
             raise InvalidRequest("max_num_seqs and max_num_batched_tokens must be >= 1")
 
 
+SPECULATIVE_METHODS = (None, "ngram", "suffix", "draft")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding (slimserve/spec_decode): None is off; "ngram" prompt lookup,
+    "suffix" SuffixDecoding-style lookup in the request and in earlier outputs, "draft" a smaller
+    model with the same vocabulary (`model`). `num_tokens` caps a request's drafts per step;
+    `adaptive` drafts only what the step's cost model says pays (off: every draft found)."""
+
+    method: str | None = None
+    num_tokens: int = 16
+    model: str | None = None
+    adaptive: bool = True
+
+    def __post_init__(self):
+        if self.method not in SPECULATIVE_METHODS:
+            raise InvalidRequest(
+                f"unknown speculative method {self.method!r}; supported: ngram, suffix, draft",
+                param="speculative",
+            )
+        if not 1 <= self.num_tokens <= 64:
+            raise InvalidRequest(
+                f"num_speculative_tokens must be in [1, 64], got {self.num_tokens}",
+                param="num_speculative_tokens",
+            )
+        if (self.method == "draft") != (self.model is not None):
+            raise InvalidRequest(
+                "a draft model (speculative_model) goes with speculative method 'draft', and only"
+                " with it", param="speculative_model",
+            )  # fmt: skip
+
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -129,6 +162,7 @@ class EngineConfig:
     model: str | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
     num_threads: int | None = None
     # None/"auto": a GGUF's blocks stay compressed where the int4 kernel reads them, else float32;
     # "none": float32; "gguf", "int4", "int8": see slimserve/quant/__init__.py.
@@ -161,12 +195,21 @@ FLAT_FIELDS = {
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "max_model_len": ("scheduler", "max_model_len"),
+    "speculative": ("speculative", "method"),
+    "num_speculative_tokens": ("speculative", "num_tokens"),
+    "speculative_model": ("speculative", "model"),
+    "speculative_adaptive": ("speculative", "adaptive"),
     "num_threads": (None, "num_threads"),
     "quantization": (None, "quantization"),
     "quant_group_size": (None, "quant_group_size"),
     "kernels": (None, "kernels"),
 }
-_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, None: EngineConfig}
+_SECTIONS = {
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "speculative": SpeculativeConfig,
+    None: EngineConfig,
+}
 
 
 def default_of(flat_name: str):
@@ -182,7 +225,7 @@ def engine_config(model: str | None = None, **flat) -> EngineConfig:
     unknown = sorted(set(flat) - set(FLAT_FIELDS))
     if unknown:
         raise InvalidRequest(f"unknown engine setting(s): {', '.join(unknown)}")
-    parts: dict = {"cache": {}, "scheduler": {}, None: {}}
+    parts: dict = {section: {} for section in _SECTIONS}
     for key, value in flat.items():
         section, name = FLAT_FIELDS[key]
         parts[section][name] = parse_bytes(value) if key == "kv_cache_memory" else value
@@ -190,5 +233,6 @@ def engine_config(model: str | None = None, **flat) -> EngineConfig:
         model=model,
         cache=CacheConfig(**parts["cache"]),
         scheduler=SchedulerConfig(**parts["scheduler"]),
+        speculative=SpeculativeConfig(**parts["speculative"]),
         **parts[None],
     )

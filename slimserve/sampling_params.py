@@ -30,6 +30,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # False: never draft for this request, whatever the engine's speculative setting (its output
+    # is the same either way; this only saves the drafting work).
+    speculative: bool = True
 
     def __post_init__(self):
         # Accept a single string / any iterable for stop fields without making callers wrap them.

@@ -32,6 +32,8 @@ from slimserve.kv_cache.spec import kv_cache_spec
 from slimserve.loader import open_model
 from slimserve.outputs import CompletionOutput, RequestOutput
 from slimserve.sampling_params import SamplingParams
+from slimserve.spec_decode import Speculator, build_speculator
+from slimserve.spec_decode.index import Match
 
 logger = logging.getLogger("slimserve")
 
@@ -52,12 +54,18 @@ class EngineStats:
     last_batch_tokens: int
     tokens_computed: int  # every token the model ran (prompt chunks and decodes)
     prompt_tokens_computed: int  # of those, prompt tokens (the rest came from the prefix cache)
+    spec_draft_tokens: int = 0  # draft tokens verified
+    spec_accepted_tokens: int = 0  # of those, accepted
+    spec_verifies: int = 0  # request-steps that verified at least one draft
 
 
 class Proposer(Protocol):
-    """Speculative decoding's entry point: draft tokens to verify after a request's last one."""
+    """Speculative decoding's entry point: draft tokens to verify after a request's last one
+    (a list, taken as certain, or a spec_decode Match with a confidence per token)."""
 
-    def propose(self, req: Request, max_tokens: int) -> list[int]: ...
+    def propose(self, req: Request, max_tokens: int) -> list[int] | Match: ...
+
+    def finished(self, req: Request) -> None: ...
 
 
 class Engine:
@@ -92,7 +100,10 @@ class Engine:
         self.runner = ModelRunner(self.model, self.model_config, self.kv_spec, native)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler()
-        self.proposer = proposer
+        budget = config.scheduler.max_num_batched_tokens
+        self.speculator = build_speculator(config.speculative, budget, self)
+        if proposer is not None:
+            self.proposer = proposer
         self.max_model_len = min(
             config.scheduler.max_model_len or self.model_config.max_position,
             self.model_config.max_position,
@@ -116,6 +127,17 @@ class Engine:
     @property
     def capacity_tokens(self) -> int:
         return self.kv_spec.capacity_tokens
+
+    @property
+    def proposer(self) -> Proposer | None:
+        return self.speculator.proposer if self.speculator is not None else None
+
+    @proposer.setter
+    def proposer(self, proposer: Proposer | None) -> None:
+        """Drafts from `proposer`, every one verified (no cost model): for tests and tools."""
+        budget = self.config.scheduler.max_num_batched_tokens
+        cap = self.max_model_len
+        self.speculator = Speculator(proposer, cap, budget, adaptive=False) if proposer else None
 
     def use_kernels(self, native: bool) -> None:
         """Rebuild the step on the native kernels (those `kernels.set_enabled` leaves on) or on
@@ -206,7 +228,15 @@ class Engine:
             last_batch_tokens=self._last_batch[1],
             tokens_computed=self._computed_tokens,
             prompt_tokens_computed=self._prompt_tokens_computed,
+            **self._spec_stats(),
         )
+
+    def _spec_stats(self) -> dict:
+        spec = self.speculator
+        if spec is None:
+            return {}
+        return dict(spec_draft_tokens=spec.num_drafts, spec_accepted_tokens=spec.num_accepted,
+                    spec_verifies=spec.num_verifies)  # fmt: skip
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -222,14 +252,17 @@ class Engine:
         )
         tables = {r.request_id: self.kv.block_ids(r.request_id) for r, _ in out.scheduled}
         try:
+            t0 = time.perf_counter()
             plan = build_plan(out.scheduled, tables, self.kv_spec.block_size)
             logits = self.runner.execute(plan)
             rows = self._sampling_rows(plan)
             samples = self.sampler(logits, rows) if logits is not None else None
+            seconds = time.perf_counter() - t0
         except Exception as e:
             return self._contain([r for r, _ in out.scheduled], e)
         outputs = self._postprocess(plan, samples)
-        if self.proposer is not None:
+        if self.speculator is not None:
+            self.speculator.observe_step(plan.num_rows, seconds)
             self._propose()
         return outputs
 
@@ -298,6 +331,8 @@ class Engine:
     def _advance(self, req: Request, s, sampled: list[int], logprobs) -> RequestOutput:
         tokens = rejection.verify(sampled, req.spec_token_ids[: s.num_drafts])
         req.spec_token_ids = []
+        if s.num_drafts:
+            self.speculator.observe(req, s.num_drafts, len(tokens) - 1)
         reason = self._append(req, tokens, logprobs)
         # KV is valid up to the last accepted draft: rejected rows are neither credited nor
         # published to the prefix cache.
@@ -306,6 +341,8 @@ class Engine:
         req.suspect = False  # it ran a whole step: not the cause of an earlier fault
         if reason:
             self.scheduler.finish(req, reason)
+            if self.speculator is not None:
+                self.speculator.finished(req)
         out = self._output(req)
         if req.finished:
             del self.requests[req.request_id]
@@ -327,23 +364,26 @@ class Engine:
         return None
 
     def _propose(self) -> None:
+        """Drafts for each running request about to decode (its KV all computed but for its
+        last token), with room for at least one draft and the token after it."""
+        ready = []
         for req in self.scheduler.running:
             room = min(
                 req.params.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens
             )
-            if req.num_computed_tokens == req.num_tokens - 1 and room > 1:
-                drafts = list(self.proposer.propose(req, room - 1))[: room - 1]
-                vocab = self.model_config.vocab_size
-                # A draft the kernels cannot index ends the drafts: never a bad read mid-step.
-                valid = next(
-                    (
-                        i
-                        for i, t in enumerate(drafts)
-                        if not (isinstance(t, int) and 0 <= t < vocab)
-                    ),
-                    len(drafts),
-                )
-                req.spec_token_ids = drafts[:valid]
+            caught_up = req.num_computed_tokens == req.num_tokens - 1
+            if caught_up and room > 1 and req.params.speculative:
+                ready.append((req, room))
+        self.speculator.plan(ready)
+        vocab = self.model_config.vocab_size
+        for req, _ in ready:
+            # A draft the kernels cannot index ends the drafts: never a bad read mid-step.
+            drafts = req.spec_token_ids
+            valid = next(
+                (i for i, t in enumerate(drafts) if not (isinstance(t, int) and 0 <= t < vocab)),
+                len(drafts),
+            )
+            del drafts[valid:]
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:

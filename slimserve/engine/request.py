@@ -48,6 +48,9 @@ class Request:
         # Draft tokens proposed for the next step (speculative decoding): scheduled after the
         # last real token, verified, and only then appended (Engine._postprocess).
         self.spec_token_ids: list[int] = []
+        self.proposer_state = None  # the proposer's own (an index over the tokens, say)
+        self.draft_record = None  # recent acceptance of its drafts (spec_decode/speculator.py)
+        self.draft_evidence = 0  # the kind of match its current drafts came from
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.detokenizer = None  # set by the engine: text so far, stop strings
 

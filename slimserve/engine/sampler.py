@@ -67,8 +67,8 @@ class Penalties:
                     row > 0, row / p.repetition_penalty, row * p.repetition_penalty
                 )
                 row = torch.where(seen, penalized, row)
-            row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(
-                row.dtype
+            row = (
+                row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
             )
             logits[i] = row
         return logits
