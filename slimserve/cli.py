@@ -7,7 +7,13 @@ import logging
 import sys
 import time
 
-from slimserve.config import KERNEL_CHOICES, KV_CACHE_DTYPES, QUANTIZATIONS, default_of
+from slimserve.config import (
+    KERNEL_CHOICES,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    SPECULATIVE_METHODS,
+    default_of,
+)
 from slimserve.errors import SlimserveError
 
 # Engine flags default to None: an unset flag takes its config dataclass's default.
@@ -23,6 +29,10 @@ ENGINE_FLAGS = {  # CLI dest -> flat engine setting (slimserve/config.py, FLAT_F
     "quantization": "quantization",
     "quant_group_size": "quant_group_size",
     "kernels": "kernels",
+    "speculative": "speculative",
+    "num_speculative_tokens": "num_speculative_tokens",
+    "speculative_model": "speculative_model",
+    "speculative_adaptive": "speculative_adaptive",
 }
 
 
@@ -66,6 +76,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--kernels",
         choices=list(KERNEL_CHOICES),
         help="auto (default): native CPU kernels where they run; none: PyTorch ops only",
+    )
+    g.add_argument(
+        "--speculative",
+        choices=[m for m in SPECULATIVE_METHODS if m],
+        help="speculative decoding (default off): ngram (prompt lookup), suffix (matches in the "
+        "request and earlier outputs), draft (a smaller model, --speculative-model)",
+    )
+    g.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        help=f"at most this many drafts a request a step (default {d('num_speculative_tokens')})",
+    )
+    g.add_argument("--speculative-model", help="the draft model (.gguf or HF directory)")
+    g.add_argument(
+        "--speculative-adaptive",
+        action=argparse.BooleanOptionalAction,
+        help="verify only drafts the step-cost model says pay (default on)",
     )
 
 

@@ -7,6 +7,8 @@ import sys
 
 from slimserve.cli import add_engine_args
 
+LLAMA_MODES = ("none", "ngram-simple", "ngram-map-k", "ngram-mod", "ngram-cache")
+
 
 def cmd_bench(args) -> int:
     from importlib import import_module
@@ -21,6 +23,7 @@ def cmd_bench(args) -> int:
         "kernels": ("kernels", "run_kernels"),
         "invariance": ("invariance", "run_invariance"),
         "soak": ("soak", "run_soak"),
+        "spec": ("speculative", "run_spec"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -115,6 +118,20 @@ def add_tool_parsers(sub) -> None:
     srv.add_argument("--slo", default=None, help="e.g. ttft_ms=2000,tpot_ms=100 for goodput")
     srv.add_argument("--seed", type=int, default=0)
     srv.add_argument("--output", default=None, help="write results as JSON here")
+    spec = bsub.add_parser(
+        "spec", help="speculative decoding vs plain decoding and llama-server's n-gram modes"
+    )
+    spec.add_argument("--methods", nargs="+", default=["ngram", "suffix"],
+                      choices=["ngram", "suffix", "draft"])  # fmt: skip
+    spec.add_argument("--max-tokens", type=int, default=256)
+    spec.add_argument("--rounds", type=int, default=2)
+    spec.add_argument("--num-tokens", type=int, default=16, help="draft cap per request a step")
+    spec.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
+    spec.add_argument("--prompts-limit", type=int, default=0, help="first N prompts of each set")
+    spec.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    spec.add_argument("--llama-modes", nargs="+", default=list(LLAMA_MODES))
+    spec.add_argument("--output", default=None, help="write results as JSON here")
+    add_engine_args(spec)
     roof = bsub.add_parser("roofline", help="machine limits, model cost per token, fractions")
     roof.add_argument("--latency", default=None, help="a bench latency JSON to rate")
     roof.add_argument("--output", default=None)

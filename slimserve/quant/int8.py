@@ -93,4 +93,3 @@ class Int8Linear(nn.Module):
         u = self.codes[ids // BLOCK_N, :, ids % BLOCK_N, :].reshape(T, K)
         d = self.scales[:, ids].t().float()  # (T, K / 32)
         return ((u.to(torch.int32) - 128).float().view(T, -1, GROUP) * d.unsqueeze(-1)).view(T, K)
-

@@ -34,8 +34,20 @@ class EngineCollector:
             ("slimserve_preemptions", "Requests preempted", s.preemptions),
             ("slimserve_engine_steps", "Engine steps run", s.steps),
             ("slimserve_tokens_computed", "Tokens the model ran", s.tokens_computed),
+            ("slimserve_spec_decode_draft_tokens", "Draft tokens verified", s.spec_draft_tokens),
+            (
+                "slimserve_spec_decode_accepted_tokens",
+                "Draft tokens accepted",
+                s.spec_accepted_tokens,
+            ),
+            ("slimserve_spec_decode_verifies", "Request-steps with drafts", s.spec_verifies),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "slimserve_spec_decode_mean_accepted_length",
+            "Tokens a verify yields on average (accepted drafts + 1)",
+            value=1 + s.spec_accepted_tokens / max(s.spec_verifies, 1),
+        )
 
 
 class Metrics:

@@ -96,6 +96,8 @@ class _Common(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_LIST)] | None = None
+    # slimserve's: false keeps this request out of speculative decoding (same output either way)
+    speculative: bool = True
 
     _refuse = model_validator(mode="before")(_refuse_unsupported)
 
@@ -115,6 +117,7 @@ class _Common(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            speculative=self.speculative,
         )
 
     @property

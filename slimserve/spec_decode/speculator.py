@@ -27,6 +27,9 @@ from slimserve.spec_decode.index import Match
 
 _PRIOR_WEIGHT = 4.0  # how many of a request's own verified drafts the shared prior counts for
 _DECAY = 0.8  # per verify (and per step without drafts) on a request's own record
+_PRIOR = 0.7  # before any verify: roughly what drafts from a 2-token match get on chat text
+# The shared records keep ~200 steps of evidence and fade back to the prior as it ages, so that
+# a bad start (drafts early in the answers, say) does not switch drafting off for good.
 _SHARED_DECAY = 0.995
 
 
@@ -81,6 +84,11 @@ class Speculator:
         """Set `spec_token_ids` of each `(request, room)` about to decode: room is how many more
         tokens it may take in all (max_tokens, context), so a draft leaves one for the bonus."""
         t0 = time.perf_counter()
+        for rec in self._shared.values():
+            rec.accepted = (
+                rec.accepted * _SHARED_DECAY + (1 - _SHARED_DECAY) * _PRIOR_WEIGHT * _PRIOR
+            )
+            rec.trials = rec.trials * _SHARED_DECAY + (1 - _SHARED_DECAY) * _PRIOR_WEIGHT
         a, b = self.cost.fit()
         expected, step = float(len(ready)), a + b * len(ready)
         rows = len(ready)
@@ -140,9 +148,11 @@ class Speculator:
         req.draft_record = rec
         rec.accepted = rec.accepted * _DECAY + accepted
         rec.trials = rec.trials * _DECAY + trials
-        shared = self._shared.setdefault(req.draft_evidence, DraftRecord(1.0, 2.0))
-        shared.accepted = shared.accepted * _SHARED_DECAY + accepted
-        shared.trials = shared.trials * _SHARED_DECAY + trials
+        shared = self._shared.setdefault(
+            req.draft_evidence, DraftRecord(_PRIOR_WEIGHT * _PRIOR, _PRIOR_WEIGHT)
+        )
+        shared.accepted += accepted
+        shared.trials += trials
 
     def finished(self, req: Request) -> None:
         self.proposer.finished(req)
@@ -152,11 +162,11 @@ class Speculator:
         """The request's chance that a draft token is accepted (given the ones before it were),
         for a draft found on `match` (None: the best any match could give)."""
         if match is None:
-            prior = max((r.accepted / r.trials for r in self._shared.values()), default=0.5)
+            prior = max((r.accepted / r.trials for r in self._shared.values()), default=_PRIOR)
         else:
             req.draft_evidence = max(match.match_len, 1).bit_length()
             shared = self._shared.get(req.draft_evidence)
-            prior = shared.accepted / shared.trials if shared else 0.5
+            prior = shared.accepted / shared.trials if shared else _PRIOR
         rec = req.draft_record
         if rec is None:
             return prior
