@@ -25,9 +25,7 @@ QUESTIONS = [
 
 
 def chats(llm):
-    return [
-        llm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS
-    ]
+    return [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
 
 
 def tokens_and_logprobs(outs):

@@ -62,9 +62,7 @@ def sdpa_llm(gguf_path):
     cache = CacheConfig(64 << 20, enable_prefix_caching=False)
     # float32 weights: PyTorch's int4 kernel rounds differently with the number of rows, and
     # this compares attention's two ways of computing a verify.
-    llm.engine = Engine(
-        EngineConfig(gguf_path, cache=cache, kernels="none", quantization="none")
-    )
+    llm.engine = Engine(EngineConfig(gguf_path, cache=cache, kernels="none", quantization="none"))
     llm.tokenizer = llm.engine.tokenizer
     return llm
 

@@ -103,9 +103,7 @@ def test_a_broken_engine_fails_every_waiter_and_asks_to_stop(gguf_path):
 
         async def main():
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://t", timeout=60
-            ) as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
                 body = {"prompt": "Hello", "max_tokens": 4}
                 plain = [c.post("/v1/completions", json=body) for _ in range(3)]
                 stream = c.post("/v1/completions", json={**body, "stream": True})
