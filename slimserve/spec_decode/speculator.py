@@ -92,15 +92,29 @@ class Speculator:
         a, b = self.cost.fit()
         expected, step = float(len(ready)), a + b * len(ready)
         rows = len(ready)
-        offers, matches = [], {}  # offers: (-p, request's place, draft's place)
+        batched = hasattr(self.proposer, "propose_batch")
+        # A draft model's tokens cost its own forward too (sunk by the time they are offered).
+        per_draft = b + ((self.proposer.seconds_per_token or b) if batched else 0.0)
+        wanted = []  # (request's place, request, cap)
         for i, (req, room) in enumerate(ready):
             cap = min(self.max_tokens, room - 1)
             rate = self._rate(req, None) if self.adaptive else 1.0
-            if cap < 1 or (self.adaptive and rate * step <= b * expected):
+            if cap < 1 or (self.adaptive and rate * step <= per_draft * expected):
                 self._fade(req)
                 continue  # even a certain-looking draft would not pay now
-            match = matches[i] = self._propose(req, cap)
-            rate = self._rate(req, match) if self.adaptive else 1.0
+            if batched and self.adaptive:
+                cap = _worth(rate, cap, expected, step, per_draft)
+            wanted.append((i, req, cap))
+        if batched:
+            found = self.proposer.propose_batch([(req, cap) for _, req, cap in wanted])
+        else:
+            found = [self._propose(req, cap) for _, req, cap in wanted]
+        offers, matches = [], {}  # offers: (-p, request's place, draft's place)
+        for (i, req, _), match in zip(wanted, found):
+            matches[i] = match
+            # A draft model's confidence is its probability; a lookup's is a frequency, scaled
+            # by how often this request's drafts have been right.
+            rate = self._rate(req, match) if self.adaptive and not batched else 1.0
             p = 1.0
             for j, c in enumerate(match.confidence):
                 p *= c * rate
@@ -125,6 +139,7 @@ class Speculator:
         self.propose_seconds += time.perf_counter() - t0
 
     def _propose(self, req: Request, cap: int) -> Match:
+        """A per-request proposer's drafts, as a Match."""
         found = self.proposer.propose(req, cap)
         if isinstance(found, Match):
             del found.tokens[cap:], found.confidence[cap:]
@@ -178,3 +193,15 @@ class Speculator:
         if rec is not None:
             rec.accepted *= _DECAY
             rec.trials *= _DECAY
+
+
+def _worth(rate: float, cap: int, expected: float, step: float, cost: float) -> int:
+    """How many drafts of acceptance `rate` each would pay for their `cost` in a step now
+    expecting `expected` tokens in `step` seconds (a draft model drafts no more than this)."""
+    n, p = 0, 1.0
+    while n < cap:
+        p *= rate
+        if p * step <= cost * expected:
+            break
+        expected, step, n = expected + p, step + cost, n + 1
+    return n

@@ -169,3 +169,36 @@ def test_a_request_can_opt_out(prompts):
     params = SamplingParams(max_tokens=40, temperature=0.0, speculative=False)
     spec.generate(prompts[:2], params)
     assert spec.engine.stats().spec_draft_tokens == 0
+
+
+def test_draft_model_greedy_equals_plain(gguf_path, prompts, reference):
+    """The model drafting for itself: near-total acceptance, long accepted runs, the draft's KV
+    catching up after each verify; batched, and tight enough to preempt."""
+    for settings in ({}, {"kv_cache_memory": "12MiB", "max_num_batched_tokens": 48}):
+        spec = _spec("draft", speculative_model=gguf_path, **settings)
+        assert _ids(spec.generate(prompts, GREEDY)) == reference
+        stats = spec.engine.stats()
+        assert stats.spec_accepted_tokens >= 0.8 * stats.spec_draft_tokens > 100
+    assert stats.preemptions > 0
+
+
+def test_a_draft_model_of_other_shape_shares_the_block_tables(tmp_path, plain, prompts, reference):
+    """A random 2-layer model with 2 KV heads of its own drafts (badly) for the real one: its KV
+    has its own shape over the target's block ids, and the output is still the target's."""
+    from tests.unit.test_hf_models import make_hf_dir
+
+    make_hf_dir(tmp_path, plain, "llama", tie_word_embeddings=True)
+    spec = _spec("draft", speculative_model=str(tmp_path))
+    draft = spec.engine.speculator.proposer.runner
+    assert draft.kv_cache.shape[0] == 2 and draft.spec.num_blocks == spec.engine.kv.num_blocks
+    assert _ids(spec.generate(prompts[:3], GREEDY)) == reference[:3]
+    assert spec.engine.stats().spec_draft_tokens > 100
+
+
+def test_a_draft_model_needs_the_targets_vocabulary(tmp_path, plain):
+    from slimserve.errors import ModelLoadError
+    from tests.unit.test_hf_models import make_hf_dir
+
+    make_hf_dir(tmp_path, plain, "llama", vocab_size=1000, tie_word_embeddings=True)
+    with pytest.raises(ModelLoadError, match="vocabulary"):
+        _spec("draft", speculative_model=str(tmp_path))
