@@ -123,6 +123,9 @@ def add_tool_parsers(sub) -> None:
     )
     spec.add_argument("--methods", nargs="+", default=["ngram", "suffix"],
                       choices=["ngram", "suffix", "draft"])  # fmt: skip
+    spec.add_argument(
+        "--draft-model", default=None, help="for --methods draft (default: the default model)"
+    )
     spec.add_argument("--max-tokens", type=int, default=256)
     spec.add_argument("--rounds", type=int, default=2)
     spec.add_argument("--num-tokens", type=int, default=16, help="draft cap per request a step")

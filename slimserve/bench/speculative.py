@@ -80,20 +80,26 @@ def _spec_counts(engine) -> tuple[int, int, int]:
     return s.spec_draft_tokens, s.spec_accepted_tokens, s.spec_verifies
 
 
-def _fresh(engine, method: str, num_tokens: int):
-    if method == "off":
-        return None
+def speculators(engine, num_tokens: int, draft_model: str | None = None):
+    """`fresh(method)`: a new speculator for a method (None for "off")."""
     budget = engine.config.scheduler.max_num_batched_tokens
-    return build_speculator(SpeculativeConfig(method, num_tokens), budget, engine)
+
+    def fresh(method: str):
+        if method == "off":
+            return None
+        model = draft_model if method == "draft" else None
+        return build_speculator(SpeculativeConfig(method, num_tokens, model), budget, engine)
+
+    return fresh
 
 
-def batch1(engine, prompts, methods, params, rounds: int, num_tokens: int) -> dict:
+def batch1(engine, prompts, methods, params, rounds: int, fresh) -> dict:
     """Each prompt alone, every method in turn; decode tok/s per method summed over prompts."""
     acc = {m: {"decode_s": 0.0, "decode_tokens": 0, "drafts": 0, "accepted": 0, "verifies": 0}
            for m in methods}  # fmt: skip
     mismatches = []
     for _ in range(rounds):
-        specs = {m: _fresh(engine, m, num_tokens) for m in methods}
+        specs = {m: fresh(m) for m in methods}
         for name, ids in prompts:
             engine.speculator = None
             drive(engine, [ids], SamplingParams(max_tokens=1), 1)  # the prompt into the cache
@@ -125,7 +131,7 @@ def batch1(engine, prompts, methods, params, rounds: int, num_tokens: int) -> di
     return {"methods": out, "mismatches": mismatches}
 
 
-def serving(engine, prompts, methods, params, concurrency: list[int], num_tokens: int) -> dict:
+def serving(engine, prompts, methods, params, concurrency: list[int], fresh) -> dict:
     """Closed-loop serving of the repetitive set (repeated to 2c requests) at each concurrency."""
     out = {}
     for c in concurrency:
@@ -133,7 +139,7 @@ def serving(engine, prompts, methods, params, concurrency: list[int], num_tokens
         reqs = (ids * (2 * c // len(ids) + 1))[: max(2 * c, len(ids))]
         row = {}
         for m in methods:
-            engine.speculator = _fresh(engine, m, num_tokens)
+            engine.speculator = fresh(m)
             r = drive(engine, reqs, params, c)
             row[m] = {
                 "output_tok_s": r["output_tokens"] / r["wall_s"],
@@ -179,8 +185,15 @@ def run_spec(args) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     methods = ["off"] + args.methods
     result = {"run": run_info(), "max_tokens": args.max_tokens, "rounds": args.rounds}
+    result["quantization"] = engine.model.quantization
+    draft_model = None
+    if "draft" in methods:
+        from slimserve.loader import default_model_path
+
+        draft_model = result["draft_model"] = args.draft_model or default_model_path()
+    fresh = speculators(engine, args.num_tokens, draft_model)
     for kind in ("repetitive", "open"):
-        r = batch1(engine, prompts[kind], methods, params, args.rounds, args.num_tokens)
+        r = batch1(engine, prompts[kind], methods, params, args.rounds, fresh)
         result[f"batch1_{kind}"] = r
         print(f"batch 1, {kind} set ({len(prompts[kind])} prompts, greedy):")
         for m, v in r["methods"].items():
@@ -192,7 +205,7 @@ def run_spec(args) -> None:
             print(f"  OUTPUT DIFFERS from plain decoding: {r['mismatches']}")
     if args.concurrency:
         result["serving"] = serving(
-            engine, prompts["repetitive"], methods, params, args.concurrency, args.num_tokens
+            engine, prompts["repetitive"], methods, params, args.concurrency, fresh
         )
         for c, row in result["serving"].items():
             cells = "  ".join(

@@ -137,3 +137,22 @@ def test_eval_perplexity_on_the_shipped_text(tmp_path):
     assert "perplexity" in r.stdout
     bad = slimserve("eval", "perplexity", "--text", str(tmp_path / "missing.txt"))
     assert bad.returncode == 2 and "cannot read --text" in bad.stderr
+
+
+def test_bench_spec_writes_json_and_generate_speculates(tmp_path):
+    out = tmp_path / "spec.json"
+    r = slimserve(
+        "bench", "spec", "--prompts-limit", "2", "--max-tokens", "48", "--rounds", "1",
+        "--concurrency", "2", "--no-peers", "--output", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    methods = data["batch1_repetitive"]["methods"]
+    assert set(methods) == {"off", "ngram", "suffix"}
+    assert not data["batch1_repetitive"]["mismatches"]  # every method gave plain's tokens
+    assert methods["suffix"]["accepted_tokens"] > 0
+    assert set(data["serving"]["2"]) == {"off", "ngram", "suffix"}
+    g = slimserve("generate", "Say hello.", "--max-tokens", "8", "--speculative", "suffix")
+    assert g.returncode == 0, g.stderr
+    bad = slimserve("generate", "Hi", "--speculative", "draft")
+    assert bad.returncode == 2 and "speculative_model" in bad.stderr
