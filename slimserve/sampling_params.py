@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from slimserve.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from slimserve.structured import StructuredOutputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +37,8 @@ class SamplingParams:
     # False: never draft for this request, whatever the engine's speculative setting (its output
     # is the same either way; this only saves the drafting work).
     speculative: bool = True
+    # A JSON schema, regex, choice or grammar the output must follow (slimserve/structured.py).
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self):
         # Accept a single string / any iterable for stop fields without making callers wrap them.
@@ -71,6 +77,11 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer")
+        if self.structured is not None:
+            from slimserve.structured import StructuredOutputs
+
+            if not isinstance(self.structured, StructuredOutputs):
+                bad("structured", "must be a slimserve.structured.StructuredOutputs")
 
     @property
     def greedy(self) -> bool:

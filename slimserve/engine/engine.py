@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,7 +26,13 @@ from slimserve.engine.model_runner import ModelRunner
 from slimserve.engine.request import Request
 from slimserve.engine.sampler import Sampler, SamplingRow
 from slimserve.engine.scheduler import Scheduler
-from slimserve.errors import CapacityError, ContextLengthExceeded, EngineDead, InvalidRequest
+from slimserve.errors import (
+    CapacityError,
+    ContextLengthExceeded,
+    EngineDead,
+    InvalidRequest,
+    RequestFailed,
+)
 from slimserve.kv_cache.hashing import kv_salt
 from slimserve.kv_cache.manager import KVCacheManager
 from slimserve.kv_cache.spec import kv_cache_spec
@@ -34,6 +41,7 @@ from slimserve.outputs import CompletionOutput, RequestOutput
 from slimserve.sampling_params import SamplingParams
 from slimserve.spec_decode import Speculator, build_speculator
 from slimserve.spec_decode.index import Match
+from slimserve.structured import GrammarCompiler
 
 logger = logging.getLogger("slimserve")
 
@@ -109,6 +117,7 @@ class Engine:
             self.model_config.max_position,
         )
         self.requests: dict[str, Request] = {}
+        self._grammar_compiler, self._grammar_lock = None, threading.Lock()
         self._ids = itertools.count()
         self._steps, self._last_batch = 0, (0, 0)
         self._computed_tokens = self._prompt_tokens_computed = 0
@@ -172,7 +181,18 @@ class Engine:
         self._validate(ids, params)
         req = Request(request_id, text, ids, params, self.tokenizer.eos_ids, priority)
         req.detokenizer = Detokenizer(self.tokenizer, params)
+        if params.structured is not None:
+            req.grammar = self._grammars().compile(params.structured)
         return req
+
+    def _grammars(self) -> GrammarCompiler:
+        """Built on the first constrained request (about a second), once, whichever thread asks."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(
+                    self.tokenizer, self.model_config.vocab_size
+                )
+            return self._grammar_compiler
 
     def enqueue(self, req: Request) -> None:
         """Hand a request from `make_request` to the scheduler (the engine's thread only)."""
@@ -307,7 +327,7 @@ class Engine:
             tokens = r.all_token_ids + r.spec_token_ids if s.num_drafts else r.all_token_ids
             for j in range(s.logits_from, s.num_rows):
                 rows.append(SamplingRow(r.params, r.seed, s.start + j + 1, r.prompt_token_ids,
-                                        tokens))  # fmt: skip
+                                        tokens, r.grammar))  # fmt: skip
         return rows
 
     def _postprocess(self, plan: StepPlan, samples) -> list[RequestOutput]:
@@ -355,6 +375,13 @@ class Engine:
             req.append_token(tok)
             if req.logprobs is not None:
                 req.logprobs.append(lp)
+            if req.grammar is not None:
+                req.grammar.accept(tok)
+                if req.grammar.failed:
+                    raise RequestFailed(f"the output left its constraint: {req.grammar.failed}")
+                if req.grammar.done:  # complete: nothing but the end may follow
+                    req.detokenizer.add(tok)
+                    return "stop"
             if tok in req.stop_ids or req.detokenizer.add(tok):
                 return "stop"
             if (

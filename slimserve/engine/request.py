@@ -53,6 +53,7 @@ class Request:
         self.draft_evidence = 0  # the kind of match its current drafts came from
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.detokenizer = None  # set by the engine: text so far, stop strings
+        self.grammar = None  # set by the engine for a constrained request (structured.py)
 
     @property
     def num_tokens(self) -> int:

@@ -29,6 +29,7 @@ class SamplingRow:
     position: int  # absolute position of the token this row draws
     prompt_ids: list[int]
     tokens: list[int]  # its first `position` entries come before the draw (prompt, output, drafts)
+    grammar: object | None = None  # the request's constraint (slimserve/structured.py), if any
 
     @property
     def output_ids(self) -> list[int]:
@@ -82,7 +83,11 @@ class SamplerOutput:
 
 class Sampler:
     def __init__(self, processors: list[LogitsProcessor] | None = None):
-        self.processors = processors if processors is not None else [Penalties()]
+        if processors is None:
+            from slimserve.structured import GrammarMask
+
+            processors = [Penalties(), GrammarMask()]  # the mask last: nothing lifts it
+        self.processors = processors
 
     def __call__(self, logits: torch.Tensor, rows) -> SamplerOutput:
         """logits: (R, V) float32, one row per entry of `rows` (SamplingRows, or Requests, each
@@ -134,7 +139,8 @@ def as_rows(rows) -> list[SamplingRow]:
     out = []
     for r in rows:
         if not isinstance(r, SamplingRow):
-            r = SamplingRow(r.params, r.seed, r.num_tokens, r.prompt_token_ids, r.all_token_ids)
+            r = SamplingRow(r.params, r.seed, r.num_tokens, r.prompt_token_ids, r.all_token_ids,
+                            getattr(r, "grammar", None))  # fmt: skip
         out.append(r)
     return out
 

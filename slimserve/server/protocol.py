@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from slimserve.errors import InvalidRequest
 from slimserve.sampling_params import SamplingParams
+from slimserve.structured import StructuredOutputs
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TOKEN_ID_MAX = 2**31 - 1  # beyond any vocabulary; the engine checks the model's own
@@ -43,13 +44,7 @@ _UNSUPPORTED: dict[str, tuple] = {
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "logit_bias": (None, {}),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "structured_outputs": (None,),
     "prompt_logprobs": (None,),
     "suffix": (None, ""),
     "echo": (None, False),
@@ -72,6 +67,68 @@ def _refuse_unsupported(data):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Text | None = None
+    description: Text | None = None
+    # OpenAI's field is "schema"; pydantic's BaseModel has a method of that name.
+    json_schema: dict | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's `structured_outputs` request field (its current names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict | bool | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1, max_length=MAX_LIST)] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
+
+
+def _constraint(req) -> StructuredOutputs | None:
+    """The one constraint a request asks for, from whichever field it came in."""
+    found = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(StructuredOutputs(json_object=True, param="response_format"))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.json_schema is None:
+            raise InvalidRequest(
+                "response_format of type json_schema needs json_schema.schema",
+                param="response_format",
+            )
+        found.append(StructuredOutputs(json=rf.json_schema.json_schema, param="response_format"))
+    so = req.structured_outputs
+    if so is not None:
+        given = {k: v for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                   ("grammar", so.grammar)) if v is not None}  # fmt: skip
+        if so.json_object:
+            given["json_object"] = True
+        found.append(StructuredOutputs(**given, param="structured_outputs"))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):  # fmt: skip
+        value = getattr(req, name)
+        if value is not None:
+            found.append(StructuredOutputs(**{key: value}, param=name))
+    if len(found) > 1:
+        raise InvalidRequest(
+            "a request takes one constraint: response_format, structured_outputs or a guided_*"
+            " field", param=found[1].param,
+        )  # fmt: skip
+    return found[0] if found else None
 
 
 class _Common(BaseModel):
@@ -98,6 +155,13 @@ class _Common(BaseModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_LIST)] | None = None
     # slimserve's: false keeps this request out of speculative decoding (same output either way)
     speculative: bool = True
+    # Constraints: OpenAI's, vLLM's current field, and vLLM's earlier (removed in its v0.12) ones.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict | bool | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1, max_length=MAX_LIST)] | None = None
+    guided_grammar: Text | None = None
 
     _refuse = model_validator(mode="before")(_refuse_unsupported)
 
@@ -118,6 +182,7 @@ class _Common(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             speculative=self.speculative,
+            structured=_constraint(self),
         )
 
     @property

@@ -182,11 +182,25 @@ BAD = [
     ({"model": MODEL, "messages": QUESTION, "stop_token_ids": [-1]}, 400, "stop_token_ids.0"),
     ({"model": MODEL, "messages": QUESTION, "max_tokens": 2**70}, 400, "max_tokens"),
     # Fields that would change the answer's meaning are refused, not ignored.
-    ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_object"}}, 400,
+    ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "xml"}}, 400,
+     "response_format.type"),
+    ({"model": MODEL, "messages": QUESTION,
+      "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
      "response_format"),
+    ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_schema",
+      "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "two"}}}}, 400,
+     "response_format"),
+    ({"model": MODEL, "messages": QUESTION, "guided_regex": "a(+"}, 400, "guided_regex"),
+    ({"model": MODEL, "messages": QUESTION, "structured_outputs": {"grammar": "start: ("}}, 400,
+     "structured_outputs"),
+    ({"model": MODEL, "messages": QUESTION, "structured_outputs": {"choice": []}}, 400,
+     "structured_outputs.choice"),
+    ({"model": MODEL, "messages": QUESTION, "structured_outputs": {"structural_tag": "x"}}, 400,
+     "structured_outputs.structural_tag"),
+    ({"model": MODEL, "messages": QUESTION, "guided_regex": "a+",
+      "response_format": {"type": "json_object"}}, 400, "guided_regex"),
     ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools"),
     ({"model": MODEL, "messages": QUESTION, "logit_bias": {"1": 100}}, 400, "logit_bias"),
-    ({"model": MODEL, "messages": QUESTION, "guided_regex": "a+"}, 400, "guided_regex"),
 ]  # fmt: skip
 
 
