@@ -91,8 +91,8 @@ def test_constrained_requests_leave_the_others_unchanged(llm):
 def test_unsatisfiable_within_max_tokens_ends_with_length(llm):
     schema = {"type": "object", "properties": {"essay": {"type": "string", "minLength": 400}},
               "required": ["essay"]}  # fmt: skip
-    out = llm.generate(_chat(llm, "Write an essay."),
-                       _params(StructuredOutputs(json=schema), max_tokens=20))[0].outputs[0]  # fmt: skip
+    params = _params(StructuredOutputs(json=schema), max_tokens=20)
+    out = llm.generate(_chat(llm, "Write an essay."), params)[0].outputs[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 20
     assert out.text.startswith('{"essay":')
 
