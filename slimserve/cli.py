@@ -116,6 +116,12 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--system", default=None, help="system prompt")
+    c = p.add_argument_group("constraints (one at most)").add_mutually_exclusive_group()
+    c.add_argument("--json-schema", metavar="FILE", help="output JSON valid under this schema")
+    c.add_argument("--json", action="store_true", help="output a JSON object")
+    c.add_argument("--regex", help="output matching this regular expression")
+    c.add_argument("--choice", action="append", help="output exactly one of these (repeatable)")
+    c.add_argument("--grammar", metavar="FILE", help="output of this Lark grammar (llguidance's)")
 
 
 def make_llm(args, progress: bool = True):
@@ -142,7 +148,34 @@ def sampling_params(args):
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop=tuple(args.stop),
+        structured=_constraint(args),
     )
+
+
+def _constraint(args):
+    """The constraint flags as a StructuredOutputs (None without one)."""
+    from slimserve.errors import InvalidRequest
+    from slimserve.structured import StructuredOutputs
+
+    def read(path: str, flag: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise InvalidRequest(f"cannot read {flag} {path}: {e.strerror}", param=flag) from e
+
+    if getattr(args, "json_schema", None):
+        return StructuredOutputs(json=read(args.json_schema, "--json-schema"),
+                                 param="--json-schema")  # fmt: skip
+    if getattr(args, "json", False):
+        return StructuredOutputs(json_object=True, param="--json")
+    if getattr(args, "regex", None):
+        return StructuredOutputs(regex=args.regex, param="--regex")
+    if getattr(args, "choice", None):
+        return StructuredOutputs(choice=args.choice, param="--choice")
+    if getattr(args, "grammar", None):
+        return StructuredOutputs(grammar=read(args.grammar, "--grammar"), param="--grammar")
+    return None
 
 
 def stream_to_stdout(llm, prompt, params) -> str:

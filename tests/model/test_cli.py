@@ -156,3 +156,22 @@ def test_bench_spec_writes_json_and_generate_speculates(tmp_path):
     assert g.returncode == 0, g.stderr
     bad = slimserve("generate", "Hi", "--speculative", "draft")
     assert bad.returncode == 2 and "speculative_model" in bad.stderr
+
+
+def test_generate_with_constraints(tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({
+        "type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "blue"]}},
+        "required": ["colour"], "additionalProperties": False,
+    }))  # fmt: skip
+    r = slimserve("generate", "Pick a colour.", "--json-schema", str(schema), "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["colour"] in ("red", "blue")
+    r = slimserve("generate", "Yes or no?", "--choice", "yes", "--choice", "no")
+    assert r.returncode == 0 and r.stdout.strip() in ("yes", "no")
+    bad = slimserve("generate", "Hi", "--regex", "a(+")
+    assert (
+        bad.returncode == 2 and "--regex" not in bad.stdout and "invalid constraint" in bad.stderr
+    )
+    missing = slimserve("generate", "Hi", "--grammar", str(tmp_path / "nope.lark"))
+    assert missing.returncode == 2 and "cannot read --grammar" in missing.stderr
