@@ -6,6 +6,7 @@ Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, mapp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from slimserve.errors import CapacityError, ContextLengthExceeded, InvalidReques
 from slimserve.server.metrics import Metrics
 from slimserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from slimserve.server.responses import respond
+from slimserve.server.tools import ToolPlan
 
 
 def _error(
@@ -148,6 +150,18 @@ def build_app(
     return _app(lifespan)
 
 
+def tool_plan(body) -> ToolPlan | None:
+    """The request's tools resolved (None when it has none and asks for none)."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none", "auto"):
+            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+        return None
+    named = choice.model_dump() if hasattr(choice, "model_dump") else choice
+    tools = [t.model_dump() for t in body.tools]
+    return ToolPlan(tools, named, body.parallel_tool_calls)
+
+
 def create_app(async_engine: AsyncEngine, served_name: str, api_key: str | None = None) -> FastAPI:
     """An app over an engine that is already running (its owner shuts it down)."""
     app = _app(None)
@@ -229,11 +243,23 @@ def _app(lifespan) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         srv: Server = app.state.server  # set when the app was built
         srv.check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = srv.tokenizer.encode(srv.tokenizer.apply_chat_template(messages))
+        messages = [m.as_dict() for m in body.messages]
+        plan = tool_plan(body)
+        if plan is not None:
+            prompt = plan.render(srv.tokenizer, messages)
+        else:
+            prompt = srv.tokenizer.apply_chat_template(messages)
+        ids = srv.tokenizer.encode(prompt)
         max_tokens = srv.max_tokens(body.requested_max_tokens(), len(ids))
         params = [body.sampling_params(max_tokens, i, body.num_logprobs()) for i in range(body.n)]
-        return await respond(srv, request, body, [ids] * body.n, params, chat=True)
+        if plan is not None and (calls := plan.constraint()) is not None:
+            if params[0].structured is not None:
+                raise InvalidRequest(
+                    "a required tool call and response_format or structured_outputs cannot be"
+                    " combined", param="tool_choice",
+                )  # fmt: skip
+            params = [dataclasses.replace(p, structured=calls) for p in params]
+        return await respond(srv, request, body, [ids] * body.n, params, chat=True, tools=plan)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -13,12 +13,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from slimserve.errors import EngineDead, RequestFailed, SlimserveError
+from slimserve.server.tools import StreamParser
 
 if TYPE_CHECKING:
     from slimserve.server.api import Server
 
 
-async def respond(srv: Server, request: Request, body, prompts, params, chat: bool):
+async def respond(srv: Server, request: Request, body, prompts, params, chat: bool, tools=None):
     """Submit every choice's request, then stream or collect. Submission errors (bad prompt,
     too long, queue full) raise before any byte of the response is sent."""
     base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -31,7 +32,7 @@ async def respond(srv: Server, request: Request, body, prompts, params, chat: bo
         for s in streams:
             s.close()
         raise
-    job = _Job(srv, base, body, prompts, streams, queue, chat)
+    job = _Job(srv, base, body, prompts, streams, queue, chat, tools)
     if body.stream:
         return StreamingResponse(job.sse(), media_type="text/event-stream")
     task = asyncio.ensure_future(job.collect())
@@ -46,8 +47,9 @@ async def respond(srv: Server, request: Request, body, prompts, params, chat: bo
 class _Job:
     """One HTTP request's choices, merged from one queue, shaped as OpenAI responses."""
 
-    def __init__(self, srv, base, body, prompts, streams, queue, chat):
+    def __init__(self, srv, base, body, prompts, streams, queue, chat, tools=None):
         self.srv, self.id, self.body, self.chat = srv, base, body, chat
+        self.tools = tools  # a ToolPlan (server/tools.py) when the request has tools
         self.prompts, self.streams, self.queue = prompts, streams, queue
         self.index = {s.request_id: i for i, s in enumerate(streams)}
         self.created = int(time.time())
@@ -142,13 +144,15 @@ class _Job:
             c = self.finals[i].outputs[0]
             lp = self._logprobs(c, 0, len(c.token_ids))
             if self.chat:
+                message = {"role": "assistant", "content": c.text}
+                reason = c.finish_reason
+                if self.tools is not None:
+                    content, calls = self.tools.parse(c.text)
+                    if calls:
+                        message = {"role": "assistant", "content": content, "tool_calls": calls}
+                        reason = "tool_calls" if reason == "stop" else reason
                 choices.append(
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": c.text},
-                        "logprobs": lp,
-                        "finish_reason": c.finish_reason,
-                    }
+                    {"index": i, "message": message, "logprobs": lp, "finish_reason": reason}
                 )
             else:
                 choices.append(
@@ -188,21 +192,25 @@ class _Job:
                     for i in range(len(self.streams))
                 ]
             )
+        parsers = [StreamParser(self.tools) if self.tools else None for _ in self.streams]
         try:
             async for i, out in self.outputs():
                 c = out.outputs[0]
                 delta = c.text[len(self.sent_text[i]) :]
                 lp = self._logprobs(c, self.sent_tokens[i], len(c.token_ids))
                 self.sent_text[i], self.sent_tokens[i] = c.text, len(c.token_ids)
-                if not delta and not out.finished and lp is None:
+                calls, reason = [], c.finish_reason
+                if parsers[i] is not None:
+                    delta, calls = parsers[i].feed(delta, final=out.finished)
+                    if reason == "stop" and parsers[i].calls:
+                        reason = "tool_calls"
+                if not delta and not calls and not out.finished and lp is None:
                     continue
                 if self.chat:
-                    choice = {
-                        "index": i,
-                        "delta": {"content": delta} if delta else {},
-                        "logprobs": lp,
-                        "finish_reason": c.finish_reason,
-                    }
+                    d = {"content": delta} if delta else {}
+                    if calls:
+                        d["tool_calls"] = calls
+                    choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": reason}
                 else:
                     choice = {
                         "index": i,
