@@ -24,6 +24,7 @@ def cmd_bench(args) -> int:
         "invariance": ("invariance", "run_invariance"),
         "soak": ("soak", "run_soak"),
         "spec": ("speculative", "run_spec"),
+        "structured": ("structured", "run_structured"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -135,6 +136,14 @@ def add_tool_parsers(sub) -> None:
     spec.add_argument("--llama-modes", nargs="+", default=list(LLAMA_MODES))
     spec.add_argument("--output", default=None, help="write results as JSON here")
     add_engine_args(spec)
+    so = bsub.add_parser("structured", help="JSON-schema suite: validity, mask cost, llama-server")
+    so.add_argument("--max-tokens", type=int, default=300)
+    so.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    so.add_argument("--rounds", type=int, default=2)
+    so.add_argument("--limit", type=int, default=0, help="first N schemas only")
+    so.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    so.add_argument("--output", default=None, help="write results as JSON here")
+    add_engine_args(so)
     roof = bsub.add_parser("roofline", help="machine limits, model cost per token, fractions")
     roof.add_argument("--latency", default=None, help="a bench latency JSON to rate")
     roof.add_argument("--output", default=None)

@@ -14,11 +14,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from slimserve.errors import InvalidRequest
-
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +114,12 @@ class Grammar:
     def allowed(self) -> torch.Tensor:
         """(V,) bool: the tokens the grammar allows next."""
         words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
-        bits = (words.unsqueeze(1) >> _BITS) & 1
-        return bits.flatten()[: self.vocab_size].bool()
+        return _unpack(words.unsqueeze(0), self.vocab_size)[0]
+
+    def forced(self, limit: int) -> list[int]:
+        """The tokens the grammar allows as the only continuation from here (at most `limit`):
+        keys, punctuation, the rest of an enum value."""
+        return self.matcher.compute_ff_tokens()[:limit]
 
     def accept(self, token: int) -> None:
         """Advance by an accepted token. A token the grammar refuses (only possible when every
@@ -134,33 +137,79 @@ class Grammar:
 
 
 class GrammarMask:
-    """The sampler's logits processor for constrained rows (SamplingRow.grammar set)."""
+    """The sampler's logits processor for constrained rows (SamplingRow.grammar set).
+
+    One call computes the masks of every constrained row of the step, in parallel across
+    requests on llguidance's threads (the GIL released), into one int32 bitmask: a request's
+    rows are consecutive (its last token's, then one per draft), and row j's mask is the
+    grammar's after the drafts before it. A draft the grammar refuses is never accepted (the
+    row before it cannot draw it), so the rows after it are left unmasked."""
+
+    def __init__(self):
+        self._executor = None
+        self._pool = None  # one thread: masks computed while the step's forward runs
+        self._pending = None  # (rows, future) from `prepare`
 
     def applies(self, row) -> bool:
         return row.grammar is not None
 
+    def prepare(self, rows) -> None:
+        """Start computing the masks of `rows` (the matchers' states are final before the
+        forward: only accepted tokens move them), so they are ready when the logits are."""
+        if not any(r.grammar is not None for r in rows):
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="slimserve-grammar")
+        self._pending = (rows, self._pool.submit(self._masks, rows))
+
     def __call__(self, logits: torch.Tensor, rows) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is rows:
+            at, words = pending[1].result()
+        else:
+            at, words = self._masks(rows)
+        allowed = _unpack(words, logits.shape[-1])
+        if len(at) == len(rows):
+            return torch.where(allowed, logits, float("-inf"))
         logits = logits.clone()
+        idx = torch.tensor(at)
+        logits[idx] = torch.where(allowed, logits[idx], float("-inf"))
+        return logits
+
+    def _masks(self, rows) -> tuple[list[int], torch.Tensor]:
+        """(the constrained rows, their int32 bitmasks)."""
+        import llguidance
+
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        at, jobs = [], []  # jobs: (matcher, its first mask's place, the drafts after it)
         i = 0
         while i < len(rows):
             g = rows[i].grammar
             if g is None:
                 i += 1
                 continue
-            # The request's rows are consecutive: its last token's, then one per draft. Row j
-            # is masked after the drafts before it; a draft the grammar refuses is never
-            # accepted (the row before it cannot draw it), so later rows keep the last mask.
-            start, consumed, allowed = rows[i].position, 0, None
-            while i < len(rows) and rows[i].grammar is g:
-                r = rows[i]
-                while consumed < r.position - start:
-                    if not g.matcher.try_consume_tokens([r.tokens[start + consumed]]):
-                        break
-                    consumed += 1
-                if allowed is None or consumed == r.position - start:
-                    allowed = g.allowed()
-                logits[i].masked_fill_(~allowed, float("-inf"))
-                i += 1
-            if consumed:
-                g.matcher.rollback(consumed)
-        return logits
+            j = i
+            while j < len(rows) and rows[j].grammar is g:
+                j += 1
+            drafts = rows[i].tokens[rows[i].position : rows[j - 1].position]
+            jobs.append((g.matcher, len(at), drafts))
+            at += range(i, j)
+            i = j
+        words = torch.full((len(at), (g.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        ptr, size = words.data_ptr(), words.shape[1] * 4
+        plain = [(m, k) for m, k, d in jobs if not d]
+        if plain:
+            self._executor.unsafe_compute_mask_ptr(plain, ptr, size, len(at))
+        drafted = [job for job in jobs if job[2]]
+        if drafted:
+            self._executor.unsafe_compute_mask_ptr_with_draft_token(drafted, ptr, size, len(at))
+        return at, words
+
+
+def _unpack(words: torch.Tensor, V: int) -> torch.Tensor:
+    """(R, ceil(V / 32)) int32 bitmasks -> (R, V) bool, lowest bit first (llguidance's order)."""
+    bits = np.unpackbits(words.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :V]
+    return torch.from_numpy(bits).view(torch.bool)

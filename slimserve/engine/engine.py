@@ -118,6 +118,9 @@ class Engine:
         )
         self.requests: dict[str, Request] = {}
         self._grammar_compiler, self._grammar_lock = None, threading.Lock()
+        # Tokens a grammar forces are drafted and verified in one step (False: one at a time,
+        # for A/B runs).
+        self.jump_forward = True
         self._ids = itertools.count()
         self._steps, self._last_batch = 0, (0, 0)
         self._computed_tokens = self._prompt_tokens_computed = 0
@@ -274,17 +277,18 @@ class Engine:
         try:
             t0 = time.perf_counter()
             plan = build_plan(out.scheduled, tables, self.kv_spec.block_size)
-            logits = self.runner.execute(plan)
             rows = self._sampling_rows(plan)
+            self.sampler.prepare(rows)
+            logits = self.runner.execute(plan)
             samples = self.sampler(logits, rows) if logits is not None else None
             seconds = time.perf_counter() - t0
         except Exception as e:
             return self._contain([r for r, _ in out.scheduled], e)
         outputs = self._postprocess(plan, samples)
-        if self.speculator is not None:
-            if plan.decode_only:  # the steps drafts add rows to (prompt rows cost otherwise)
-                self.speculator.observe_step(plan.num_rows, seconds)
-            self._propose()
+        if self.speculator is not None and plan.decode_only:
+            # The steps drafts add rows to (prompt rows cost otherwise).
+            self.speculator.observe_step(plan.num_rows, seconds)
+        self._propose()
         return outputs
 
     # -- faults -----------------------------------------------------------------------------
@@ -352,8 +356,9 @@ class Engine:
     def _advance(self, req: Request, s, sampled: list[int], logprobs) -> RequestOutput:
         tokens = rejection.verify(sampled, req.spec_token_ids[: s.num_drafts])
         req.spec_token_ids = []
-        if s.num_drafts:
+        if s.num_drafts and not req.drafts_forced:
             self.speculator.observe(req, s.num_drafts, len(tokens) - 1)
+        req.drafts_forced = False
         reason = self._append(req, tokens, logprobs)
         # KV is valid up to the last accepted draft: rejected rows are neither credited nor
         # published to the prefix cache.
@@ -393,16 +398,24 @@ class Engine:
 
     def _propose(self) -> None:
         """Drafts for each running request about to decode (its KV all computed but for its
-        last token), with room for at least one draft and the token after it."""
+        last token), with room for at least one draft and the token after it: the tokens its
+        grammar forces (jump-forward), else the speculator's."""
         ready = []
         for req in self.scheduler.running:
             room = min(
                 req.params.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens
             )
-            caught_up = req.num_computed_tokens == req.num_tokens - 1
-            if caught_up and room > 1 and req.params.speculative:
+            if req.num_computed_tokens == req.num_tokens - 1 and room > 1:
                 ready.append((req, room))
-        self.speculator.plan(ready)
+        speculate = []
+        for req, room in ready:
+            forced = req.grammar.forced(room - 1) if self.jump_forward and req.grammar else []
+            if forced:  # verified like any draft, so the output stays masked decoding's
+                req.spec_token_ids, req.drafts_forced = forced, True
+            elif req.params.speculative and self.speculator is not None:
+                speculate.append((req, room))
+        if speculate:
+            self.speculator.plan(speculate)
         vocab = self.model_config.vocab_size
         for req, _ in ready:
             # A draft the kernels cannot index ends the drafts: never a bad read mid-step.

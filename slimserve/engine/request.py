@@ -51,6 +51,7 @@ class Request:
         self.proposer_state = None  # the proposer's own (an index over the tokens, say)
         self.draft_record = None  # recent acceptance of its drafts (spec_decode/speculator.py)
         self.draft_evidence = 0  # the kind of match its current drafts came from
+        self.drafts_forced = False  # its drafts are what its grammar forces (jump-forward)
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.detokenizer = None  # set by the engine: text so far, stop strings
         self.grammar = None  # set by the engine for a constrained request (structured.py)

@@ -92,7 +92,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows) -> SamplerOutput:
         """logits: (R, V) float32, one row per entry of `rows` (SamplingRows, or Requests, each
         drawing its next token)."""
-        rows = as_rows(rows)
+        if not (rows and isinstance(rows[0], SamplingRow)):
+            rows = as_rows(rows)
         params = [r.params for r in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -103,6 +104,13 @@ class Sampler:
             tokens = self._sample(logits, rows)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, _gather_logprobs(raw_logprobs, token_ids, params))
+
+    def prepare(self, rows: list[SamplingRow]) -> None:
+        """Let processors start work that does not need the logits (a grammar's masks) while
+        the step's forward runs."""
+        for proc in self.processors:
+            if hasattr(proc, "prepare"):
+                proc.prepare(rows)
 
     def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The logits after every processor that applies to some row."""
