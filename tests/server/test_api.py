@@ -199,7 +199,8 @@ BAD = [
      "structured_outputs.structural_tag"),
     ({"model": MODEL, "messages": QUESTION, "guided_regex": "a+",
       "response_format": {"type": "json_object"}}, 400, "guided_regex"),
-    ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]}, 400,
+     "tools.0.function"),
     ({"model": MODEL, "messages": QUESTION, "logit_bias": {"1": 100}}, 400, "logit_bias"),
 ]  # fmt: skip
 
