@@ -111,11 +111,6 @@ class Grammar:
     def __init__(self, matcher, vocab_size: int):
         self.matcher, self.vocab_size = matcher, vocab_size
 
-    def allowed(self) -> torch.Tensor:
-        """(V,) bool: the tokens the grammar allows next."""
-        words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
-        return _unpack(words.unsqueeze(0), self.vocab_size)[0]
-
     def forced(self, limit: int) -> list[int]:
         """The tokens the grammar allows as the only continuation from here (at most `limit`):
         keys, punctuation, the rest of an enum value."""

@@ -19,7 +19,6 @@ towards the prior, so it tries again later.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from slimserve.engine.request import Request
@@ -77,13 +76,11 @@ class Speculator:
         self.cost = StepCost()
         self._shared: dict[int, DraftRecord] = {}  # by log2 of the match length
         self.num_drafts = self.num_accepted = self.num_verifies = 0
-        self.propose_seconds = 0.0
 
     # -- before a step ------------------------------------------------------------------------
     def plan(self, ready: list[tuple[Request, int]]) -> None:
         """Set `spec_token_ids` of each `(request, room)` about to decode: room is how many more
         tokens it may take in all (max_tokens, context), so a draft leaves one for the bonus."""
-        t0 = time.perf_counter()
         for rec in self._shared.values():
             rec.accepted = (
                 rec.accepted * _SHARED_DECAY + (1 - _SHARED_DECAY) * _PRIOR_WEIGHT * _PRIOR
@@ -136,7 +133,6 @@ class Speculator:
             req.spec_token_ids = matches[i].tokens[:n] if n else []
             if not n:
                 self._fade(req)
-        self.propose_seconds += time.perf_counter() - t0
 
     def _propose(self, req: Request, cap: int) -> Match:
         """A per-request proposer's drafts, as a Match."""
