@@ -1,8 +1,8 @@
-"""GGUF files, read with the `gguf` package (llama.cpp's own reader and dequantizer)."""
+"""GGUF files: the header read by loader/gguf_file.py, block formats other than the ones kept
+compressed dequantized by the `gguf` package (llama.cpp's own dequantizer)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,6 +10,7 @@ import torch
 
 from slimserve.config import ModelConfig
 from slimserve.errors import ModelLoadError, UnsupportedModel
+from slimserve.loader.gguf_file import GGUFFile, GGUFFormatError
 from slimserve.loader.names import IGNORED, PERMUTED_QK, gguf_to_hf
 from slimserve.loader.resolve import ModelSource, QuantizedTensor
 
@@ -25,10 +26,19 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+def _float_array(raw: np.ndarray, type_name: str) -> np.ndarray | None:
+    """A float type's bytes as float32 (None for a block format)."""
+    if type_name == "F32":
+        return raw.view(np.float32)
+    if type_name == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if type_name == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return None
+
+
 class GGUFSource(ModelSource):
     def __init__(self, path: str):
-        import gguf
-
         self.path = path
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -37,9 +47,9 @@ class GGUFSource(ModelSource):
                 f"{path} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')"
             )
         try:
-            self.reader = gguf.GGUFReader(path)
-        except Exception as e:  # the reader raises whatever numpy/struct raise on bad bytes
-            raise ModelLoadError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from e
+            self.file = GGUFFile(path)
+        except GGUFFormatError as e:
+            raise ModelLoadError(f"{path} is truncated or corrupt: {e}") from e
         self._check_extents()
         self.arch = self.meta("general.architecture")
         if self.arch is None:
@@ -47,16 +57,15 @@ class GGUFSource(ModelSource):
         self.config = self._read_config()
 
     def meta(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.file.meta(key, default)
 
     def _check_extents(self):
-        size = os.path.getsize(self.path)
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+        size = self.file.size
+        for t in self.file.tensors:
+            if t.offset + t.n_bytes > size:
                 raise ModelLoadError(
                     f"{self.path} is truncated: tensor {t.name} needs bytes up to "
-                    f"{t.data_offset + t.n_bytes}, file has {size}"
+                    f"{t.offset + t.n_bytes}, file has {size}"
                 )
 
     def _read_config(self) -> ModelConfig:
@@ -65,14 +74,14 @@ class GGUFSource(ModelSource):
         a = self.arch
         if not is_supported(a):
             raise UnsupportedModel(f"unsupported architecture {a!r} in {self.path}")
-        names = {t.name for t in self.reader.tensors}
+        names = {t.name for t in self.file.tensors}
         heads = self.meta(f"{a}.attention.head_count")
         hidden = self.meta(f"{a}.embedding_length")
         if heads is None or hidden is None:
             raise ModelLoadError(f"{self.path} lacks {a}.attention.head_count/embedding_length")
-        vocab = self.meta(f"{a}.vocab_size") or len(
-            self.reader.fields["tokenizer.ggml.tokens"].data
-        )
+        vocab = self.meta(f"{a}.vocab_size") or self.file.count("tokenizer.ggml.tokens")
+        if not vocab:
+            raise ModelLoadError(f"{self.path} has neither {a}.vocab_size nor a vocabulary")
         return ModelConfig(
             architecture=a,
             vocab_size=int(vocab),
@@ -91,47 +100,52 @@ class GGUFSource(ModelSource):
 
     def tensor_types(self) -> set[str]:
         """The storage formats of the file's tensors, e.g. {"F32", "Q4_1", "Q8_0"}."""
-        return {t.tensor_type.name for t in self.reader.tensors}
+        return {t.type_name for t in self.file.tensors}
 
     def weights(
         self, keep: frozenset[str] = frozenset()
     ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
-        from gguf.quants import dequantize
-
         permuted = PERMUTED_QK.get(self.arch, ())
         cfg = self.config
-        for t in self.reader.tensors:
+        for t in self.file.tensors:
             if t.name in IGNORED:
                 continue
             hf_name = gguf_to_hf(t.name)
             if hf_name is None:
                 raise UnsupportedModel(f"unexpected tensor {t.name} in {self.path}")
             kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
-            if t.tensor_type.name in keep:
-                # Raw blocks, one row of blocks per output feature (numpy shape is reversed).
+            heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
+            raw = self.file.read(t)
+            shape = t.shape[::-1]  # numpy order: rows first
+            if t.type_name in keep:
+                # Raw blocks, one row of blocks per output feature.
                 rows, cols = int(t.shape[1]), int(t.shape[0])
-                raw = np.asarray(t.data).reshape(rows, -1)
+                raw = raw.reshape(rows, -1)
                 if kind in permuted:
-                    raw = _unpermute_rows(
-                        raw, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
-                    )
-                yield (
-                    hf_name,
-                    QuantizedTensor(
-                        t.tensor_type.name,
-                        (rows, cols),
-                        torch.from_numpy(np.array(raw)),
-                    ),
-                )
+                    raw = np.ascontiguousarray(_unpermute_rows(raw, heads))
+                yield hf_name, QuantizedTensor(t.type_name, (rows, cols), torch.from_numpy(raw))
                 continue
-            try:
-                # np.array copies: F32 tensors come back as read-only views of the file mapping.
-                w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            except NotImplementedError as e:
-                raise UnsupportedModel(f"{t.name}: tensor type {t.tensor_type.name}: {e}") from e
+            w = _float_array(raw, t.type_name)
+            if w is None:
+                w = self._dequantize(t, raw)
+            w = w.reshape(shape)
             if kind in permuted:
-                w = _unpermute_rows(w, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads)
+                w = _unpermute_rows(w, heads)
             yield hf_name, torch.from_numpy(np.ascontiguousarray(w))
+
+    def _dequantize(self, t, raw: np.ndarray) -> np.ndarray:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        rows = 1
+        for d in t.shape[1:]:
+            rows *= d
+        try:
+            return dequantize(raw.reshape(rows, -1), GGMLQuantizationType(t.type_id)).astype(
+                np.float32, copy=False
+            )
+        except NotImplementedError as e:
+            raise UnsupportedModel(f"{t.name}: tensor type {t.type_name}: {e}") from e
 
     def tokenizer(self):
         from slimserve.loader.tokenizer import Tokenizer
