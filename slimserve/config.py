@@ -151,6 +151,15 @@ def cache_dir_from_env() -> Path:
     return Path(value) if value else Path.home() / ".cache" / "slimserve"
 
 
+def artifact_dir_from_env() -> Path | None:
+    """Where packed models and tokenizers are cached (loader/artifacts.py): $SLIMSERVE_ARTIFACTS,
+    else the cache directory's artifacts/; None when SLIMSERVE_ARTIFACT_CACHE=0 turns it off."""
+    if os.environ.get("SLIMSERVE_ARTIFACT_CACHE", "1").lower() in ("0", "false", "no"):
+        return None
+    value = os.environ.get("SLIMSERVE_ARTIFACTS")
+    return Path(value) if value else cache_dir_from_env() / "artifacts"
+
+
 QUANTIZATIONS = (None, "auto", "none", "gguf", "int4", "int8")
 KERNEL_CHOICES = ("auto", "none")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from slimserve.loader import artifacts
 from slimserve.models import get_model_class
 
 
@@ -16,7 +17,8 @@ def load_model(
 ) -> torch.nn.Module:
     """Build the model and load its weights; with a quantization method, its layers are swapped
     for collectors first and packed after (slimserve/quant), so no float copy is kept. `native`
-    False keeps layouts only the native kernels read out of the model."""
+    False keeps layouts only the native kernels read out of the model. A packed model is mapped
+    from the artifact cache when an earlier load wrote it (loader/artifacts.py)."""
     from slimserve import quant
     from slimserve.models import is_supported
 
@@ -25,8 +27,22 @@ def load_model(
         from slimserve.errors import UnsupportedModel
 
         raise UnsupportedModel(f"unsupported architecture {cfg.architecture!r} in {source.path}")
-    model = get_model_class(cfg.architecture)(cfg)
     method = quant.resolve_method(quantization, source, group_size)
+    if not method:  # float32: nothing is derived from the file, so nothing is cached
+        return _build(source, method, group_size, progress, native)
+    key = artifacts.entry_key(
+        artifacts.file_stamp(source.files()), "model", method, group_size, native
+    )
+    model, _ = artifacts.cached_model(
+        key, lambda: _build(source, method, group_size, progress, native)
+    )
+    return model
+
+
+def _build(source, method, group_size, progress, native) -> torch.nn.Module:
+    from slimserve import quant
+
+    model = get_model_class(source.config.architecture)(source.config)
     if method:
         quant.prepare(model, method, group_size)
     weights = source.weights(quant.keep_types(method))

@@ -148,6 +148,11 @@ class GGUFSource(ModelSource):
             raise UnsupportedModel(f"{t.name}: tensor type {t.type_name}: {e}") from e
 
     def tokenizer(self):
+        """Built from the GGUF vocabulary once, then read from the artifact cache."""
+        from slimserve.loader import artifacts
         from slimserve.loader.tokenizer import Tokenizer
 
-        return Tokenizer.from_gguf(self)
+        key = artifacts.entry_key(artifacts.file_stamp([self.path]), "tokenizer")
+        return Tokenizer.from_dict(
+            artifacts.cached_json(key, lambda: Tokenizer.from_gguf(self).to_dict())
+        )

@@ -48,20 +48,21 @@ class ModelSource(ABC):
         is not a GGUF file."""
         return set()
 
+    def files(self) -> list[str]:
+        """The files the weights and config are read from."""
+        if not os.path.isdir(self.path):
+            return [self.path]
+        names = sorted(
+            n for n in os.listdir(self.path) if n == "config.json" or n.endswith(".safetensors")
+        )
+        return [os.path.join(self.path, n) for n in names]
+
     def identity(self) -> str:
         """A stable identity of the weights, the same in any process: each file's name, size
         and a digest of its first and last 64 KiB (cheap; the KV cache's hashes are salted
         with it, kv_cache/hashing.py)."""
-        if os.path.isdir(self.path):
-            names = sorted(
-                n for n in os.listdir(self.path)
-                if n == "config.json" or n.endswith(".safetensors")
-            )  # fmt: skip
-            files = [os.path.join(self.path, n) for n in names]
-        else:
-            files = [self.path]
         digest = hashlib.blake2b(digest_size=16)
-        for f in files:
+        for f in self.files():
             size = os.path.getsize(f)
             digest.update(f"{os.path.basename(f)}:{size}:".encode())
             with open(f, "rb") as fh:

@@ -134,6 +134,26 @@ class Tokenizer:
             chat_template=source.meta("tokenizer.chat_template"),
         )
 
+    def to_dict(self) -> dict:
+        """Everything the tokenizer is, as JSON-able values (the artifact cache keeps it)."""
+        return {
+            "tokenizer": self.fast.to_str(),
+            "bos_id": self.bos_id,
+            "eos_ids": sorted(self.eos_ids),
+            "add_bos": self.add_bos,
+            "chat_template": self.chat_template,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Tokenizer:
+        return cls(
+            FastTokenizer.from_str(d["tokenizer"]),
+            bos_id=d["bos_id"],
+            eos_ids=set(d["eos_ids"]),
+            add_bos=d["add_bos"],
+            chat_template=d["chat_template"],
+        )
+
     @classmethod
     def from_hf_dir(cls, path: str, eos_from_config: list[int]) -> Tokenizer:
         tj = os.path.join(path, "tokenizer.json")
