@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
 from slimserve.config import (
     KERNEL_CHOICES,
@@ -127,12 +126,8 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None
 def make_llm(args, progress: bool = True):
     from slimserve.llm import LLM
 
-    t0 = time.perf_counter()
     llm = LLM(args.model, progress=progress and sys.stderr.isatty(), **engine_settings(args))
-    print(
-        f"[slimserve] loaded {llm.engine.model_name} in {time.perf_counter() - t0:.1f}s",
-        file=sys.stderr,
-    )
+    print(f"[slimserve] {llm.engine.load_summary()}", file=sys.stderr)
     return llm
 
 

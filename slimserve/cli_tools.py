@@ -25,6 +25,7 @@ def cmd_bench(args) -> int:
         "soak": ("soak", "run_soak"),
         "spec": ("speculative", "run_spec"),
         "structured": ("structured", "run_structured"),
+        "load": ("load", "run_load"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -144,6 +145,14 @@ def add_tool_parsers(sub) -> None:
     so.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
     so.add_argument("--output", default=None, help="write results as JSON here")
     add_engine_args(so)
+    ld = bsub.add_parser("load", help="load time and resident memory, cold and warm, llama-server")
+    ld.add_argument("--model", default=None, help="a .gguf file (default: the default model)")
+    ld.add_argument("--kv-cache-memory-sizes", nargs="+", default=["64MiB", "1GiB"])
+    ld.add_argument("--quantization", default="auto", help="auto (default) or none (float32)")
+    ld.add_argument("--rounds", type=int, default=3)
+    ld.add_argument("--threads", type=int, default=None)
+    ld.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    ld.add_argument("--output", default=None, help="write results as JSON here")
     roof = bsub.add_parser("roofline", help="machine limits, model cost per token, fractions")
     roof.add_argument("--latency", default=None, help="a bench latency JSON to rate")
     roof.add_argument("--output", default=None)

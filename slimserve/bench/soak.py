@@ -5,7 +5,9 @@ streams dropped after a few chunks, non-streamed requests that time out, malform
 bursts past --max-queue. Every answer is checked (a 2xx, or a 4xx/503 with an OpenAI error;
 never another 5xx). Every `--sample-s` seconds the server process's resident memory is read
 from /proc; at the end, requests running and KV blocks in use must be back to zero. Reported:
-requests by outcome, RSS at start, end and peak (MiB), and blocks leaked.
+requests by outcome, RSS at start, end and peak (MiB), its growth after the first minute (once
+warm), and blocks leaked. Kinds of request: streamed chats, n > 1, logprobs (with and without
+echo), ~3k-token prompts, dropped streams, timeouts and malformed bodies.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ async def _client(c: httpx.AsyncClient, rng: random.Random, until: float, counts
         counts[key] = counts.get(key, 0) + 1
 
     while time.monotonic() < until:
-        kind = rng.choice(["chat", "n", "drop", "timeout", "bad", "bad"])
+        kind = rng.choice(["chat", "n", "drop", "timeout", "bad", "bad", "logprobs", "long"])
         msgs = [{"role": "user", "content": f"Question {rng.randrange(10**6)}: tell me a fact."}]
         try:
             if kind == "chat":
@@ -56,6 +58,20 @@ async def _client(c: httpx.AsyncClient, rng: random.Random, until: float, counts
                 body = {"prompt": f"{rng.randrange(100)} +", "max_tokens": 8, "n": 3}
                 r = await c.post("/v1/completions", json=body)
                 count("n=3 ok" if r.status_code in (200, 503) else f"n=3 FAILED {r.status_code}")
+            elif kind == "logprobs":
+                body = {"prompt": f"Fact {rng.randrange(10**6)}:", "max_tokens": 16,
+                        "logprobs": 5, "echo": rng.random() < 0.5}  # fmt: skip
+                r = await c.post("/v1/completions", json=body)
+                ok = r.status_code == 503 or (
+                    r.status_code == 200 and r.json()["choices"][0]["logprobs"]
+                )
+                count("logprobs ok" if ok else f"logprobs FAILED {r.status_code}")
+            elif kind == "long":  # a prompt of ~3k tokens, mostly not in the prefix cache
+                words = " ".join(str(rng.randrange(10**6)) for _ in range(700))
+                msgs = [{"role": "user", "content": f"Sum these numbers: {words}"}]
+                body = {"messages": msgs, "max_tokens": 8}
+                r = await c.post("/v1/chat/completions", json=body)
+                count("long ok" if r.status_code in (200, 503) else f"long FAILED {r.status_code}")
             elif kind == "drop":
                 body = {"messages": msgs, "max_tokens": 200, "stream": True, "ignore_eos": True}
                 async with c.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -126,13 +142,15 @@ def run_soak(args) -> None:
         proc.terminate()
         code = proc.wait(60)
     rss = [m for _, m in samples]
+    warm = next((m for t, m in samples if t >= 60), rss[-1])  # the first minute warms caches
     result = {
         "minutes": args.minutes,
         "clients": args.clients,
         "outcomes": dict(sorted(counts.items())),
         "requests": sum(counts.values()),
         "rss_mib": {"start": rss[0], "end": rss[-1], "peak": max(rss)},
-        "rss_after_first_minute_mib": next((m for t, m in samples if t >= 60), rss[-1]),
+        "rss_after_first_minute_mib": warm,
+        "growth_after_warm": rss[-1] / warm - 1,
         "running_after": running,
         "kv_blocks_used_after": blocks,
         "healthy_after": healthy,

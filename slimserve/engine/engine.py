@@ -18,7 +18,7 @@ import torch
 
 from slimserve import kernels
 from slimserve.config import EngineConfig, num_threads_from_env
-from slimserve.engine import rejection
+from slimserve.engine import memory, rejection
 from slimserve.engine.detokenizer import Detokenizer
 from slimserve.engine.input_batch import StepPlan, build_plan
 from slimserve.engine.loading import load_model
@@ -125,11 +125,25 @@ class Engine:
         self._steps, self._last_batch = 0, (0, 0)
         self._computed_tokens = self._prompt_tokens_computed = 0
         self.load_seconds = time.perf_counter() - t0
-        logger.info(
-            "loaded %s in %.1fs; KV cache holds %d tokens",
-            self.source.name,
-            self.load_seconds,
-            self.capacity_tokens,
+        logger.info("%s", self.load_summary())
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of the packed weights, the KV cache as reserved, and the process's resident
+        set (the KV cache's pages become resident as blocks are first written)."""
+        return {
+            "weights": memory.weight_bytes(self.model),
+            "kv_cache": self.runner.kv_cache.nbytes,
+            "resident": memory.resident_bytes(),
+        }
+
+    def load_summary(self) -> str:
+        m = self.memory()
+        how = " (packed weights mapped from the cache)" if self.model.from_cache else ""
+        weights, kv, rss = (memory.mib(m[k]) for k in ("weights", "kv_cache", "resident"))
+        return (
+            f"loaded {self.source.name} in {self.load_seconds:.2f}s{how}; weights {weights}, "
+            f"KV cache {kv} for {self.capacity_tokens} tokens (resident as used), process "
+            f"resident {rss}"
         )
 
     @property

@@ -31,11 +31,12 @@ def load_model(
     if not method:  # float32: nothing is derived from the file, so nothing is cached
         return _build(source, method, group_size, progress, native)
     key = artifacts.entry_key(
-        artifacts.file_stamp(source.files()), "model", method, group_size, native
+        artifacts.file_stamp(source.source_files()), "model", method, group_size, native
     )
-    model, _ = artifacts.cached_model(
+    model, hit = artifacts.cached_model(
         key, lambda: _build(source, method, group_size, progress, native)
     )
+    model.from_cache = hit
     return model
 
 
@@ -54,4 +55,5 @@ def _build(source, method, group_size, progress, native) -> torch.nn.Module:
     if method:
         quant.finalize(model, native)
     model.quantization = method or "none"
+    model.from_cache = False
     return model.eval()

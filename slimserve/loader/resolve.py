@@ -48,7 +48,7 @@ class ModelSource(ABC):
         is not a GGUF file."""
         return set()
 
-    def files(self) -> list[str]:
+    def source_files(self) -> list[str]:
         """The files the weights and config are read from."""
         if not os.path.isdir(self.path):
             return [self.path]
@@ -62,7 +62,7 @@ class ModelSource(ABC):
         and a digest of its first and last 64 KiB (cheap; the KV cache's hashes are salted
         with it, kv_cache/hashing.py)."""
         digest = hashlib.blake2b(digest_size=16)
-        for f in self.files():
+        for f in self.source_files():
             size = os.path.getsize(f)
             digest.update(f"{os.path.basename(f)}:{size}:".encode())
             with open(f, "rb") as fh:
