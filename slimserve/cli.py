@@ -127,7 +127,9 @@ def make_llm(args, progress: bool = True):
     from slimserve.llm import LLM
 
     llm = LLM(args.model, progress=progress and sys.stderr.isatty(), **engine_settings(args))
-    print(f"[slimserve] {llm.engine.load_summary()}", file=sys.stderr)
+    from slimserve.engine.memory import load_summary
+
+    print(f"[slimserve] {load_summary(llm.engine)}", file=sys.stderr)
     return llm
 
 

@@ -125,7 +125,7 @@ class Engine:
         self._steps, self._last_batch = 0, (0, 0)
         self._computed_tokens = self._prompt_tokens_computed = 0
         self.load_seconds = time.perf_counter() - t0
-        logger.info("%s", self.load_summary())
+        logger.info("%s", memory.load_summary(self))
 
     def memory(self) -> dict[str, int]:
         """Bytes of the packed weights, the KV cache as reserved, and the process's resident
@@ -135,16 +135,6 @@ class Engine:
             "kv_cache": self.runner.kv_cache.nbytes,
             "resident": memory.resident_bytes(),
         }
-
-    def load_summary(self) -> str:
-        m = self.memory()
-        how = " (packed weights mapped from the cache)" if self.model.from_cache else ""
-        weights, kv, rss = (memory.mib(m[k]) for k in ("weights", "kv_cache", "resident"))
-        return (
-            f"loaded {self.source.name} in {self.load_seconds:.2f}s{how}; weights {weights}, "
-            f"KV cache {kv} for {self.capacity_tokens} tokens (resident as used), process "
-            f"resident {rss}"
-        )
 
     @property
     def model_name(self) -> str:

@@ -28,3 +28,15 @@ def resident_bytes(pid: int | str = "self") -> int:
 
 def mib(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
+
+
+def load_summary(engine) -> str:
+    """One line for the start of generate/chat/serve: load time, cache hit, bytes, RSS."""
+    m = engine.memory()
+    how = " (packed weights mapped from the cache)" if engine.model.from_cache else ""
+    weights, kv, rss = (mib(m[k]) for k in ("weights", "kv_cache", "resident"))
+    return (
+        f"loaded {engine.source.name} in {engine.load_seconds:.2f}s{how}; weights {weights}, "
+        f"KV cache {kv} for {engine.capacity_tokens} tokens (resident as used), process "
+        f"resident {rss}"
+    )
