@@ -23,3 +23,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     error: str | None = None  # why, when the engine failed this request (finish_reason "error")
+    # Per prompt token when asked for (SamplingParams.prompt_logprobs); the first is None.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

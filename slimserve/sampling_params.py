@@ -33,6 +33,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    # The log-probability of each prompt token given the ones before it, plus that many top
+    # alternatives (vLLM's prompt_logprobs; the first token has none). Such a request computes
+    # its whole prompt: cached prefix blocks would leave positions without logits.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # False: never draft for this request, whatever the engine's speculative setting (its output
     # is the same either way; this only saves the drafting work).
@@ -73,6 +77,8 @@ class SamplingParams:
             bad("frequency_penalty", "must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad("logprobs", "must be in [0, 20]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            bad("prompt_logprobs", "must be in [0, 20]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
         if self.seed is not None and not isinstance(self.seed, int):

@@ -283,12 +283,14 @@ class Engine:
             plan = build_plan(out.scheduled, tables, self.kv_spec.block_size)
             rows = self._sampling_rows(plan)
             self.sampler.prepare(rows)
-            logits = self.runner.execute(plan)
-            samples = self.sampler(logits, rows) if logits is not None else None
+            logits, scores = self.runner.execute(plan), None
+            if logits is not None:
+                logits, scores = plan.split_logits(logits)
+            samples = self.sampler(logits, rows) if rows else None
             seconds = time.perf_counter() - t0
         except Exception as e:
             return self._contain([r for r, _ in out.scheduled], e)
-        outputs = self._postprocess(plan, samples)
+        outputs = self._postprocess(plan, samples, scores)
         if self.speculator is not None and plan.decode_only:
             # The steps drafts add rows to (prompt rows cost otherwise).
             self.speculator.observe_step(plan.num_rows, seconds)
@@ -329,27 +331,32 @@ class Engine:
         """One row per logits row: the position it draws and the tokens before it."""
         rows = []
         for s in plan.spans:
-            if not s.num_logits:
+            if not s.num_samples:
                 continue
             r = s.req
             tokens = r.all_token_ids + r.spec_token_ids if s.num_drafts else r.all_token_ids
-            for j in range(s.logits_from, s.num_rows):
+            for j in range(s.logits_from + s.prompt_rows, s.num_rows):
                 rows.append(SamplingRow(r.params, r.seed, s.start + j + 1, r.prompt_token_ids,
                                         tokens, r.grammar))  # fmt: skip
         return rows
 
-    def _postprocess(self, plan: StepPlan, samples) -> list[RequestOutput]:
-        """Verify drafts, append what was accepted, credit it, check stops: request by request,
-        so a fault here (a tokenizer that raises, say) fails only its own request."""
-        outputs, i = [], 0
+    def _postprocess(self, plan: StepPlan, samples, scores) -> list[RequestOutput]:
+        """Score prompts, verify drafts, append what was accepted, credit it, check stops:
+        request by request, so a fault here (a tokenizer that raises, say) fails only its own
+        request."""
+        outputs, i, k = [], 0, 0
         for s in plan.spans:
             req = s.req
-            if not s.num_logits:  # a prompt chunk: every row's KV is final
+            if s.prompt_rows:
+                _score_prompt(req, s.start, scores[k : k + s.prompt_rows])
+                k += s.prompt_rows
+            n = s.num_samples
+            if not n:  # a prompt chunk: every row's KV is final
                 self.scheduler.commit(req, s.start + s.num_rows)
                 continue
-            sampled = samples.token_ids[i : i + s.num_logits]
-            logprobs = samples.logprobs[i : i + s.num_logits]
-            i += s.num_logits
+            sampled = samples.token_ids[i : i + n]
+            logprobs = samples.logprobs[i : i + n]
+            i += n
             try:
                 outputs.append(self._advance(req, s, sampled, logprobs))
             except Exception as e:
@@ -465,5 +472,26 @@ class Engine:
             logprobs=req.logprobs,
         )
         return RequestOutput(
-            req.request_id, req.prompt, req.prompt_token_ids, [completion], done, req.error
-        )
+            req.request_id, req.prompt, req.prompt_token_ids, [completion], done, req.error,
+            req.prompt_logprobs,
+        )  # fmt: skip
+
+
+def _score_prompt(req: Request, start: int, logits: torch.Tensor) -> None:
+    """Append the logprobs that rows `start`, `start + 1`, ... give the prompt tokens after
+    them (with the request's number of top alternatives); positions it already holds (rows run
+    again after a preemption) are skipped."""
+    k = req.params.prompt_logprobs
+    first = start + 1  # the token row 0 scores
+    skip = len(req.prompt_logprobs) - first  # >= 0: the scheduler leaves no gap
+    if skip >= len(logits):
+        return
+    logprobs = torch.log_softmax(logits[skip:].float(), dim=-1)
+    targets = req.prompt_token_ids[first + skip : first + len(logits)]
+    chosen = logprobs.gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1).tolist()
+    top = logprobs.topk(k) if k else None
+    for r, (tok, lp) in enumerate(zip(targets, chosen)):
+        entry = {tok: lp}
+        if top is not None:
+            entry.update(zip(top.indices[r].tolist(), top.values[r].tolist()))
+        req.prompt_logprobs.append(entry)

@@ -32,6 +32,9 @@ class Span:
     decode: bool
     num_drafts: int  # draft tokens among the rows (the last ones)
     logits_from: int  # first row (within the span) that needs logits; num_rows when none does
+    # Of the logits rows, the first ones that score the prompt (prompt_logprobs) rather than
+    # draw a token: row j gives the log-probability of prompt token start + j + 1.
+    prompt_rows: int = 0
 
     @property
     def rows(self) -> range:
@@ -40,6 +43,11 @@ class Span:
     @property
     def num_logits(self) -> int:
         return self.num_rows - self.logits_from
+
+    @property
+    def num_samples(self) -> int:
+        """Rows that draw a token (the last real one and any drafts)."""
+        return self.num_logits - self.prompt_rows
 
 
 @dataclass(slots=True)
@@ -58,6 +66,18 @@ class StepPlan:
     @property
     def decode_only(self) -> bool:
         return all(s.decode for s in self.spans)
+
+    def split_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows that draw a token, rows that score the prompt), span by span in each; the second
+        is None when no span scores its prompt."""
+        if not any(s.prompt_rows for s in self.spans):
+            return logits, None
+        draw, score, i = [], [], 0
+        for s in self.spans:
+            score += range(i, i + s.prompt_rows)
+            draw += range(i + s.prompt_rows, i + s.num_logits)
+            i += s.num_logits
+        return logits[draw], logits[score]
 
 
 def build_plan(
@@ -82,11 +102,14 @@ def build_plan(
         end = start + n
         # Logits from the row of the last real token on: it and every draft row draw a token.
         logits_from = max(0, req.num_tokens - 1 - start) if end >= req.num_tokens else n
-        if all_logits:
+        prompt_rows = 0
+        if req.wants_prompt_logprobs:
+            prompt_rows = max(0, min(end, req.num_prompt_tokens - 1) - start)
+        if all_logits or prompt_rows:
             logits_from = 0
         span = Span(
             req, start, n, len(ids), table, start >= req.num_tokens - 1 or n == 1,
-            max(0, end - req.num_tokens), logits_from,
+            max(0, end - req.num_tokens), logits_from, prompt_rows,
         )  # fmt: skip
         spans.append(span)
         logits_rows += range(span.first_row + logits_from, span.first_row + n)

@@ -53,6 +53,10 @@ class Request:
         self.draft_evidence = 0  # the kind of match its current drafts came from
         self.drafts_forced = False  # its drafts are what its grammar forces (jump-forward)
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # Per prompt token (the first has none), filled as prompt chunks run.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
         self.detokenizer = None  # set by the engine: text so far, stop strings
         self.grammar = None  # set by the engine for a constrained request (structured.py)
 
@@ -71,6 +75,13 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt positions still owe their logprobs (so their rows need logits)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(
+            self.prompt_token_ids
+        )
 
     @property
     def finished(self) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from slimserve.config import SchedulerConfig
 from slimserve.engine.request import Request, RequestStatus
-from slimserve.kv_cache.manager import KVCacheManager
+from slimserve.kv_cache.manager import KVCacheManager, PrefixHit
 
 
 @dataclass(slots=True)
@@ -102,6 +102,11 @@ class Scheduler:
         """Move waiting `req` to running with its prefix-cache hit and KV for up to `budget` new
         rows; returns the rows, or 0 (left waiting) when the KV does not fit."""
         hit = self.kv.find_prefix(req.all_token_ids)  # num_computed_tokens is 0 while waiting
+        if req.wants_prompt_logprobs:
+            # Only blocks whose positions already have their logprobs (after a preemption): the
+            # rest must run to produce them.
+            keep = min(len(hit.blocks), (len(req.prompt_logprobs) - 1) // self.kv.block_size)
+            hit = PrefixHit(hit.blocks[:keep], keep * self.kv.block_size)
         n = min(req.num_tokens - hit.num_tokens, budget)
         if not self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
             return 0

@@ -267,13 +267,20 @@ def _app(lifespan) -> FastAPI:
         srv.check_model(body.model)
         if len(body.prompts()) * body.n > MAX_CHOICES:
             raise InvalidRequest(f"at most {MAX_CHOICES} prompts times n per request", "n")
-        prompts = [srv.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
-        ids, params = [], []
-        for p in prompts:
-            max_tokens = srv.max_tokens(body.max_tokens or 16, len(p))
+        given = body.prompts()
+        prompts = [srv.tokenizer.encode(p) if isinstance(p, str) else p for p in given]
+        # With echo and logprobs, every prompt token is scored as well.
+        scored = body.logprobs if body.echo else None
+        ids, params, echoed = [], [], []
+        for text, p in zip(given, prompts):
+            # max_tokens 0 (echo only) draws one token that the response leaves out.
+            max_tokens = max(1, srv.max_tokens(16 if body.max_tokens is None else body.max_tokens,
+                                               len(p)))  # fmt: skip
             for i in range(body.n):
                 ids.append(p)
-                params.append(body.sampling_params(max_tokens, i, body.logprobs))
-        return await respond(srv, request, body, ids, params, chat=False)
+                params.append(body.sampling_params(max_tokens, i, body.logprobs, scored))
+                if body.echo:
+                    echoed.append(text if isinstance(text, str) else srv.tokenizer.decode(p))
+        return await respond(srv, request, body, ids, params, chat=False, echo=echoed or None)
 
     return app

@@ -52,10 +52,11 @@ _UNSUPPORTED: dict[str, tuple] = {
 }
 
 
-def _refuse_unsupported(data):
+def _refuse_unsupported(cls, data):
     if isinstance(data, dict):
         for name, fine in _UNSUPPORTED.items():
-            if name in data and data[name] not in fine:
+            # A request kind that implements one of them declares it as a field.
+            if name in data and data[name] not in fine and name not in cls.model_fields:
                 raise InvalidRequest(f"{name} is not supported by this server", param=name)
         best_of = data.get("best_of")
         if best_of is not None and best_of != data.get("n", 1):
@@ -161,9 +162,11 @@ class _Common(BaseModel):
     guided_choice: Annotated[list[Text], Field(min_length=1, max_length=MAX_LIST)] | None = None
     guided_grammar: Text | None = None
 
-    _refuse = model_validator(mode="before")(_refuse_unsupported)
+    _refuse = model_validator(mode="before")(classmethod(_refuse_unsupported))
 
-    def sampling_params(self, max_tokens: int, index: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, index: int, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -179,6 +182,7 @@ class _Common(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             speculative=self.speculative,
             structured=_constraint(self),
         )
@@ -292,6 +296,16 @@ class CompletionRequest(_Common):
         ]
     )
     logprobs: int | None = Field(default=None, ge=0, le=5)
+    # The prompt comes back before the completion (and with logprobs, each prompt token's): how
+    # evaluation harnesses score a text. max_tokens may then be 0, to score and draw nothing.
+    echo: bool = False
+    max_tokens: int | None = Field(default=None, ge=0, le=INT64_MAX)
+
+    @model_validator(mode="after")
+    def _zero_tokens_only_with_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

@@ -19,9 +19,12 @@ if TYPE_CHECKING:
     from slimserve.server.api import Server
 
 
-async def respond(srv: Server, request: Request, body, prompts, params, chat: bool, tools=None):
+async def respond(
+    srv: Server, request: Request, body, prompts, params, chat: bool, tools=None, echo=None
+):
     """Submit every choice's request, then stream or collect. Submission errors (bad prompt,
-    too long, queue full) raise before any byte of the response is sent."""
+    too long, queue full) raise before any byte of the response is sent. `echo`: per choice, the
+    prompt text that a completion with echo starts with."""
     base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     queue: asyncio.Queue = asyncio.Queue()
     streams = []
@@ -32,7 +35,7 @@ async def respond(srv: Server, request: Request, body, prompts, params, chat: bo
         for s in streams:
             s.close()
         raise
-    job = _Job(srv, base, body, prompts, streams, queue, chat, tools)
+    job = _Job(srv, base, body, prompts, streams, queue, chat, tools, echo)
     if body.stream:
         return StreamingResponse(job.sse(), media_type="text/event-stream")
     task = asyncio.ensure_future(job.collect())
@@ -47,9 +50,12 @@ async def respond(srv: Server, request: Request, body, prompts, params, chat: bo
 class _Job:
     """One HTTP request's choices, merged from one queue, shaped as OpenAI responses."""
 
-    def __init__(self, srv, base, body, prompts, streams, queue, chat, tools=None):
+    def __init__(self, srv, base, body, prompts, streams, queue, chat, tools=None, echo=None):
         self.srv, self.id, self.body, self.chat = srv, base, body, chat
         self.tools = tools  # a ToolPlan (server/tools.py) when the request has tools
+        self.echo = echo  # per choice, the prompt text a completion starts with
+        # max_tokens 0 with echo: the one token drawn is not shown (nor counted).
+        self.hide = not chat and body.max_tokens == 0
         self.prompts, self.streams, self.queue = prompts, streams, queue
         self.index = {s.request_id: i for i, s in enumerate(streams)}
         self.created = int(time.time())
@@ -57,6 +63,8 @@ class _Job:
         self.first: dict[int, float] = {}
         self.sent_text = [""] * len(streams)
         self.sent_tokens = [0] * len(streams)
+        self.sent_chars = [0] * len(streams)  # of text, echoed prompt included
+        self.echo_sent = [False] * len(streams)
         self.finals: dict[int, object] = {}
 
     async def outputs(self):
@@ -100,49 +108,78 @@ class _Job:
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts[:: self.body.n])
-        completion = sum(len(o.outputs[0].token_ids) for o in self.finals.values())
+        completion = sum(len(self._shown(o)[1]) for o in self.finals.values())
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
 
-    def _logprobs(self, completion, start: int, end: int):
+    def _shown(self, out) -> tuple[str, list[int]]:
+        """The completion's text and tokens as the response shows them."""
+        c = out.outputs[0]
+        return ("", []) if self.hide else (c.text, c.token_ids)
+
+    def _logprobs(self, completion, start: int, end: int, offset: int = 0):
+        """Logprobs of output tokens start:end; `offset`: where the first one's text starts in
+        the choice's text (completions report it)."""
         if completion.logprobs is None:
             return None
-        n = self.body.top_logprobs if self.chat else self.body.logprobs
-        text = self.srv.token_text
         toks = completion.token_ids[start:end]
         entries = completion.logprobs[start:end]
-        ranked = [sorted(e.items(), key=lambda kv: -kv[1])[: n or 0] for e in entries]
-        if self.chat:
-            return {
-                "content": [
-                    {
-                        "token": text(t),
-                        "logprob": e[t],
-                        "bytes": list(text(t).encode()),
-                        "top_logprobs": [
-                            {"token": text(a), "logprob": lp, "bytes": list(text(a).encode())}
-                            for a, lp in r
-                        ],
-                    }
-                    for t, e, r in zip(toks, entries, ranked)
-                ]
-            }
+        if not self.chat:
+            return self._completion_logprobs(toks, entries, offset)
+        text = self.srv.token_text
+        ranked = [_ranked(e, self.body.top_logprobs) for e in entries]
         return {
-            "tokens": [text(t) for t in toks],
-            "token_logprobs": [e[t] for t, e in zip(toks, entries)],
-            "top_logprobs": [{text(a): lp for a, lp in r} for r in ranked],
+            "content": [
+                {
+                    "token": text(t),
+                    "logprob": e[t],
+                    "bytes": list(text(t).encode()),
+                    "top_logprobs": [
+                        {"token": text(a), "logprob": lp, "bytes": list(text(a).encode())}
+                        for a, lp in r
+                    ],
+                }
+                for t, e, r in zip(toks, entries, ranked)
+            ]
         }
+
+    def _completion_logprobs(self, toks, entries, offset: int) -> dict:
+        """OpenAI's completions logprobs; an entry of None (the prompt's first token, which
+        nothing scores) gives nulls."""
+        text = self.srv.token_text
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, e in zip(toks, entries):
+            s = text(t)
+            out["tokens"].append(s)
+            out["text_offset"].append(offset)
+            offset += len(s)
+            out["token_logprobs"].append(None if e is None else e[t])
+            top = None if e is None else _ranked(e, self.body.logprobs)
+            out["top_logprobs"].append(None if top is None else {text(a): lp for a, lp in top})
+        return out
+
+    def _echoed(self, i: int, out, text: str, lp):
+        """A completion's text and logprobs with its prompt (and the prompt's logprobs) first."""
+        prompt = self.echo[i]
+        if lp is None:
+            return prompt + text, None
+        head = self._completion_logprobs(out.prompt_token_ids, out.prompt_logprobs, 0)
+        return prompt + text, {k: head[k] + lp[k] for k in head}
 
     async def collect(self) -> dict:
         async for _ in self.outputs():
             pass
         choices = []
         for i in range(len(self.streams)):
-            c = self.finals[i].outputs[0]
-            lp = self._logprobs(c, 0, len(c.token_ids))
+            out = self.finals[i]
+            c = out.outputs[0]
+            text, toks = self._shown(out)
+            lp = self._logprobs(c, 0, len(toks), len(self.echo[i]) if self.echo else 0)
+            if self.echo:
+                text, lp = self._echoed(i, out, text, lp)
             if self.chat:
                 message = {"role": "assistant", "content": c.text}
                 reason = c.finish_reason
@@ -156,7 +193,7 @@ class _Job:
                 )
             else:
                 choices.append(
-                    {"index": i, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+                    {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
                 )
         return {
             "id": self.id,
@@ -196,9 +233,16 @@ class _Job:
         try:
             async for i, out in self.outputs():
                 c = out.outputs[0]
-                delta = c.text[len(self.sent_text[i]) :]
-                lp = self._logprobs(c, self.sent_tokens[i], len(c.token_ids))
-                self.sent_text[i], self.sent_tokens[i] = c.text, len(c.token_ids)
+                text, toks = self._shown(out)
+                delta = text[len(self.sent_text[i]) :]
+                first = self.echo is not None and not self.echo_sent[i]
+                offset = len(self.echo[i]) if first else self.sent_chars[i]
+                lp = self._logprobs(c, self.sent_tokens[i], len(toks), offset)
+                if first:  # the prompt comes first, in the choice's first chunk
+                    delta, lp = self._echoed(i, out, delta, lp)
+                    self.echo_sent[i] = True
+                self.sent_text[i], self.sent_tokens[i] = text, len(toks)
+                self.sent_chars[i] += len(delta)
                 calls, reason = [], c.finish_reason
                 if parsers[i] is not None:
                     delta, calls = parsers[i].feed(delta, final=out.finished)
@@ -226,3 +270,8 @@ class _Job:
         if self.body.include_usage:
             yield self._chunk([], self.usage())
         yield "data: [DONE]\n\n"
+
+
+def _ranked(entry: dict[int, float], n: int | None) -> list[tuple[int, float]]:
+    """The entry's `n` most likely tokens, best first."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[: n or 0]

@@ -121,6 +121,55 @@ def test_logprobs(client):
     assert len(c.choices[0].logprobs.token_logprobs) == 3
 
 
+def test_completion_echo_scores_the_prompt(client, llm):
+    """echo + logprobs, as evaluation harnesses score a text: the prompt's tokens come back with
+    the log-probability of each given the ones before; a greedy continuation scored as part of
+    a prompt gets the logprobs it was drawn with."""
+    head = "The capital of France is"
+    drawn = client.completions.create(
+        model=MODEL, prompt=head, max_tokens=6, temperature=0, logprobs=2
+    ).choices[0]
+    text = head + drawn.text
+    ids = llm.tokenizer.encode(text)
+    r = client.completions.create(
+        model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=2, temperature=0
+    )
+    c = r.choices[0]
+    assert c.text == text and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    lp = c.logprobs
+    assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    n = len(drawn.logprobs.tokens)
+    assert lp.tokens[-n:] == drawn.logprobs.tokens  # the continuation tokenizes the same
+    for got, want in zip(lp.token_logprobs[-n:], drawn.logprobs.token_logprobs):
+        assert abs(got - want) <= 0.02
+    for p in range(1, len(ids)):
+        assert lp.token_logprobs[p] <= 0 and len(lp.top_logprobs[p]) == 2
+        assert max(lp.top_logprobs[p].values()) >= lp.token_logprobs[p] - 1e-6
+    for tok, top in zip(lp.tokens[-n:], lp.top_logprobs[-n:]):  # greedy: each was the likeliest
+        assert max(top, key=top.get) == tok
+
+    # Echo with a completion: prompt then completion, text and logprobs, streamed or not, the
+    # prompt given as text or as token ids.
+    plain = client.completions.create(model=MODEL, prompt=head, max_tokens=6, temperature=0)
+    both = client.completions.create(
+        model=MODEL, prompt=llm.tokenizer.encode(head), max_tokens=6, temperature=0, echo=True,
+        logprobs=1,
+    ).choices[0]  # fmt: skip
+    assert both.text == head + plain.choices[0].text
+    assert len(both.logprobs.tokens) == len(llm.tokenizer.encode(head)) + 6
+    assert both.logprobs.text_offset[-6] == len(head)
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=head, max_tokens=6, temperature=0, echo=True, stream=True
+    ))  # fmt: skip
+    assert chunks[0].choices[0].text.startswith(head)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == both.text
+    unscored = client.completions.create(model=MODEL, prompt=head, max_tokens=0, echo=True)
+    assert unscored.choices[0].text == head and unscored.choices[0].logprobs is None
+
+
 def test_models_endpoint(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
@@ -202,6 +251,7 @@ BAD = [
     ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]}, 400,
      "tools.0.function"),
     ({"model": MODEL, "messages": QUESTION, "logit_bias": {"1": 100}}, 400, "logit_bias"),
+    ({"model": MODEL, "messages": QUESTION, "echo": True}, 400, "echo"),  # completions only
 ]  # fmt: skip
 
 
@@ -226,7 +276,8 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": []}, "prompt"),
     ({"model": MODEL, "prompt": [[-1]]}, "prompt.0.0"),
     ({"model": MODEL, "prompt": [10**9]}, "prompt"),  # past the vocabulary: the engine says
-    ({"model": MODEL, "prompt": "hi", "echo": True}, "echo"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),  # only with echo
+    ({"model": MODEL, "prompt": "hi", "max_tokens": -1, "echo": True}, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "suffix": "x"}, "suffix"),
     ({"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of"),
     ({"model": MODEL, "prompt": ["hi"] * 100, "n": 16}, "n"),
