@@ -243,7 +243,8 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or os.path.splitext(engine.model_name)[0]
     print(
         f"[slimserve] serving {name} at http://{args.host}:{args.port}/v1 "
-        f"(KV cache {engine.capacity_tokens} tokens, {torch.get_num_threads()} threads)",
+        f"(KV cache {engine.capacity_tokens} tokens, {torch.get_num_threads()} threads); "
+        f"chat page at http://{args.host}:{args.port}/",
         file=sys.stderr,
         flush=True,
     )

@@ -25,3 +25,4 @@ class RequestOutput:
     error: str | None = None  # why, when the engine failed this request (finish_reason "error")
     # Per prompt token when asked for (SamplingParams.prompt_logprobs); the first is None.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache

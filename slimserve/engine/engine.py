@@ -473,7 +473,7 @@ class Engine:
         )
         return RequestOutput(
             req.request_id, req.prompt, req.prompt_token_ids, [completion], done, req.error,
-            req.prompt_logprobs,
+            req.prompt_logprobs, req.num_cached_tokens or 0,
         )  # fmt: skip
 
 

@@ -57,6 +57,7 @@ class Request:
         self.prompt_logprobs: list[dict[int, float] | None] | None = (
             [None] if params.prompt_logprobs is not None else None
         )
+        self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache gave it
         self.detokenizer = None  # set by the engine: text so far, stop strings
         self.grammar = None  # set by the engine for a constrained request (structured.py)
 

@@ -112,6 +112,8 @@ class Scheduler:
             return 0
         self.kv.record_lookup(req.num_tokens, hit)
         req.num_computed_tokens = hit.num_tokens
+        if req.num_cached_tokens is None:  # the first admission's hit (not a preemption's)
+            req.num_cached_tokens = hit.num_tokens
         self.waiting.remove(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)

@@ -285,6 +285,34 @@ class ChatCompletionRequest(_Common):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: vLLM's fields (prompt or messages) and llama-server's (content)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text | None = None
+    prompt: Text | None = None
+    content: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_LIST)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    with_pieces: bool = False  # llama-server's: each token's text beside its id
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        given = [k for k in ("prompt", "content", "messages") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise InvalidRequest("give exactly one of prompt, content or messages", "prompt")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=1 << 20)]
+
+
 class CompletionRequest(_Common):
     prompt: (
         Text

@@ -109,10 +109,13 @@ class _Job:
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts[:: self.body.n])
         completion = sum(len(self._shown(o)[1]) for o in self.finals.values())
+        # Per prompt, its first choice's hit (the others share the blocks it computes).
+        cached = sum(o.num_cached_tokens for i, o in self.finals.items() if i % self.body.n == 0)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     def _shown(self, out) -> tuple[str, list[int]]:

@@ -55,6 +55,7 @@ class _View:
     """A request as one draft round sees it (what build_plan reads)."""
 
     __slots__ = ("request_id", "all_token_ids", "spec_token_ids", "num_computed_tokens")
+    wants_prompt_logprobs = False  # the draft model only draws
 
     def __init__(self, request_id, tokens: list[int], computed: int):
         self.request_id, self.all_token_ids = request_id, tokens
