@@ -1,6 +1,7 @@
 """The chat page at / in a real headless Chromium (Selenium), against the real server and model:
 streamed answers, Stop aborting server-side, conversations kept across reloads, errors shown."""
 
+import json
 import os
 import shutil
 import time
@@ -62,12 +63,16 @@ def wait(driver, cond, timeout=60):
 
 
 def answers(driver) -> list[str]:
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .bubble")]
+    # Read in one script: the page re-renders while a reply streams (no stale elements).
+    return driver.execute_script(
+        "return [...document.querySelectorAll('.msg.assistant .bubble')].map(e => e.innerText)"
+    )
 
 
 def finished(driver) -> bool:
-    return bool(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta")) and (
-        driver.find_element(By.ID, "send").is_displayed()
+    return driver.execute_script(
+        "return !!document.querySelector('.msg.assistant .meta')"
+        " && !document.getElementById('send').hidden"
     )
 
 
@@ -148,6 +153,28 @@ def test_server_errors_are_shown(page):
     wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .error")) == 2)
     errors = page.find_elements(By.CSS_SELECTOR, ".msg.assistant .error")
     assert "API key" in errors[-1].text
+
+
+def test_json_schema_setting_constrains_the_answer(page):
+    schema = page.find_element(By.ID, "set-schema")
+    schema.send_keys("{not json")
+    assert "JSON schema" in page.find_element(By.ID, "settings-error").text
+    ask(page, "Where is the Eiffel tower?")
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .error"))
+    assert "not valid JSON" in page.find_element(By.CSS_SELECTOR, ".msg.assistant .error").text
+    schema.clear()
+    page.execute_script(
+        "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+        schema, json.dumps({"type": "object", "properties": {"city": {"type": "string"}},
+                            "required": ["city"], "additionalProperties": False}),
+    )  # fmt: skip
+    limit = page.find_element(By.ID, "set-max-tokens")
+    limit.clear()
+    limit.send_keys("64")
+    ask(page, "Where is the Eiffel tower?")
+    wait(page, lambda d: len(answers(d)) == 2 and finished(d))
+    answer = json.loads(answers(page)[-1])
+    assert set(answer) == {"city"} and isinstance(answer["city"], str)
 
 
 def test_conversations_rename_delete_export(page):
