@@ -36,6 +36,11 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _llama3_inv_freq(inv_freq, scaling)
         elif kind == "linear":
             inv_freq = inv_freq / scaling["factor"]
+        elif kind == "freq_factors":  # llama.cpp's rope_freqs: each frequency divided by its own
+            factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+            if factors.shape != inv_freq.shape:
+                raise ValueError(f"{len(factors)} rope frequency factors for head_dim {head_dim}")
+            inv_freq = inv_freq / factors
         elif kind is not None:
             raise NotImplementedError(f"rope scaling {kind!r}")
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)

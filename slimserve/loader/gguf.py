@@ -11,7 +11,7 @@ import torch
 from slimserve.config import ModelConfig
 from slimserve.errors import ModelLoadError, UnsupportedModel
 from slimserve.loader.gguf_file import GGUFFile, GGUFFormatError
-from slimserve.loader.names import IGNORED, PERMUTED_QK, gguf_to_hf
+from slimserve.loader.names import IGNORED, PERMUTED_QK, ROPE_FREQS, gguf_to_hf
 from slimserve.loader.resolve import ModelSource, QuantizedTensor
 
 GGUF_MAGIC = b"GGUF"
@@ -82,6 +82,7 @@ class GGUFSource(ModelSource):
         vocab = self.meta(f"{a}.vocab_size") or self.file.count("tokenizer.ggml.tokens")
         if not vocab:
             raise ModelLoadError(f"{self.path} has neither {a}.vocab_size nor a vocabulary")
+        head_dim = int(self.meta(f"{a}.attention.key_length", hidden // heads))
         return ModelConfig(
             architecture=a,
             vocab_size=int(vocab),
@@ -90,13 +91,39 @@ class GGUFSource(ModelSource):
             num_layers=int(self.meta(f"{a}.block_count")),
             num_heads=int(heads),
             num_kv_heads=int(self.meta(f"{a}.attention.head_count_kv", heads)),
-            head_dim=int(self.meta(f"{a}.attention.key_length", hidden // heads)),
+            head_dim=head_dim,
             rms_norm_eps=float(self.meta(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(self.meta(f"{a}.rope.freq_base", 10000.0)),
             max_position=int(self.meta(f"{a}.context_length", 4096)),
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
+            rope_scaling=self._rope_scaling(head_dim),
         )
+
+    def _rope_scaling(self, head_dim: int) -> tuple | None:
+        """RoPE scaling as ModelConfig keeps it: llama.cpp's per-frequency factors (the file's
+        rope_freqs tensor, how converted Llama 3.x files carry their scaling), or the linear
+        scaling of the metadata; a kind we do not implement is refused, never ignored."""
+        a = self.arch
+        kind = self.meta(f"{a}.rope.scaling.type")
+        found = [t for t in self.file.tensors if t.name == ROPE_FREQS]
+        if found:
+            t = found[0]
+            factors = _float_array(self.file.read(t), t.type_name)
+            if factors is None or factors.size != head_dim // 2:
+                raise ModelLoadError(
+                    f"{self.path}: {ROPE_FREQS} must hold {head_dim // 2} float values"
+                    f" (it is {t.type_name}, {factors.size if factors is not None else '?'})"
+                )
+            if kind not in (None, "none"):
+                raise UnsupportedModel(f"{self.path}: {ROPE_FREQS} with rope scaling {kind!r}")
+            return (("factors", tuple(float(f) for f in factors)), ("rope_type", "freq_factors"))
+        if kind in (None, "none"):
+            return None
+        if kind == "linear":
+            factor = float(self.meta(f"{a}.rope.scaling.factor", 1.0))
+            return None if factor == 1.0 else (("factor", factor), ("rope_type", "linear"))
+        raise UnsupportedModel(f"{self.path}: rope scaling {kind!r} is not supported")
 
     def tensor_types(self) -> set[str]:
         """The storage formats of the file's tensors, e.g. {"F32", "Q4_1", "Q8_0"}."""

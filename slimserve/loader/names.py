@@ -28,7 +28,9 @@ PERMUTED_QK = {
 }
 
 # Tensors the runtime never reads (precomputed rotary tables some converters add).
-IGNORED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+# Read into the config, not weights: rope_freqs.weight holds Llama 3.x's per-frequency factors.
+ROPE_FREQS = "rope_freqs.weight"
+IGNORED = (ROPE_FREQS, "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def _compile(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
