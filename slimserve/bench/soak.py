@@ -23,14 +23,11 @@ import httpx
 
 from slimserve.bench.peers import free_port, wait_healthy
 from slimserve.bench.runinfo import run_info
+from slimserve.engine.memory import resident_bytes
 
 
 def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return resident_bytes(pid) / (1 << 20)
 
 
 def _metric(text: str, name: str) -> float:

@@ -56,12 +56,14 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def file_stamp(paths: list[str]) -> str:
-    """Each file's name, size, mtime and a digest of its first and last 64 KiB."""
+def file_stamp(paths: list[str], mtime: bool = True) -> str:
+    """Each file's name, size, mtime (unless not `mtime`: the same in any copy of the files)
+    and a digest of its first and last 64 KiB."""
     h = hashlib.blake2b(digest_size=16)
     for path in paths:
         st = os.stat(path)
-        h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}:".encode())
+        stamp = f"{st.st_size}:{st.st_mtime_ns}" if mtime else f"{st.st_size}"
+        h.update(f"{os.path.basename(path)}:{stamp}:".encode())
         with open(path, "rb") as f:
             h.update(f.read(1 << 16))
             f.seek(max(0, st.st_size - (1 << 16)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from abc import ABC, abstractmethod
@@ -61,15 +60,9 @@ class ModelSource(ABC):
         """A stable identity of the weights, the same in any process: each file's name, size
         and a digest of its first and last 64 KiB (cheap; the KV cache's hashes are salted
         with it, kv_cache/hashing.py)."""
-        digest = hashlib.blake2b(digest_size=16)
-        for f in self.source_files():
-            size = os.path.getsize(f)
-            digest.update(f"{os.path.basename(f)}:{size}:".encode())
-            with open(f, "rb") as fh:
-                digest.update(fh.read(1 << 16))
-                fh.seek(max(0, size - (1 << 16)))
-                digest.update(fh.read(1 << 16))
-        return f"{self.name}:{digest.hexdigest()}"
+        from slimserve.loader.artifacts import file_stamp
+
+        return f"{self.name}:{file_stamp(self.source_files(), mtime=False)}"
 
     @abstractmethod
     def tokenizer(self):
