@@ -153,6 +153,15 @@ def test_server_errors_are_shown(page):
     wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .error")) == 2)
     errors = page.find_elements(By.CSS_SELECTOR, ".msg.assistant .error")
     assert "API key" in errors[-1].text
+    # A full queue (the server's 503, as tests/server/test_load_and_shutdown.py provokes it):
+    # the message and its Retry-After, read the way the page reads any failed response.
+    shown = page.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "const body = {error: {message: 'the server is at capacity', type: 'capacity_error'}};"
+        "errorText(new Response(JSON.stringify(body),"
+        " {status: 503, headers: {'Retry-After': '1'}})).then(done);"
+    )
+    assert shown == "the server is at capacity (retry after 1 s)"
 
 
 def test_json_schema_setting_constrains_the_answer(page):
