@@ -2,6 +2,7 @@
 scaling in the metadata, against transformers' own scaled rotary embedding."""
 
 import copy
+import functools
 
 import gguf
 import numpy as np
@@ -18,7 +19,7 @@ def copy_gguf(
     src: str, dst: str, extra_meta: dict | None = None, extra_tensors: dict | None = None
 ):
     """`src` rewritten with more metadata and tensors (everything else as it was)."""
-    reader = gguf.GGUFReader(src)
+    reader = _reader(src)
     arch = reader.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(dst, arch)
     for key, field in reader.fields.items():
@@ -36,6 +37,11 @@ def copy_gguf(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+@functools.cache
+def _reader(path: str):
+    return gguf.GGUFReader(path)  # ~3 s for the default model's header: read it once
 
 
 def scaled_hf(hf_model, rope_parameters: dict):
