@@ -10,25 +10,19 @@ import dataclasses
 import os
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from slimserve.engine.async_engine import AsyncEngine
 from slimserve.errors import CapacityError, ContextLengthExceeded, InvalidRequest, SlimserveError
+from slimserve.server.extras import router as extras
 from slimserve.server.metrics import Metrics
-from slimserve.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-)
+from slimserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from slimserve.server.responses import respond
 from slimserve.server.tools import ToolPlan
 
@@ -60,8 +54,7 @@ MAX_BODY_BYTES = 32 << 20
 # Paths the API key guards: the OpenAI API and the conveniences beside it. The chat page and its
 # files are public (the page asks for the key), as are /health and /metrics.
 GUARDED = ("/v1/", "/tokenize", "/detokenize", "/props")
-STATIC = Path(__file__).parent / "static"
-PAGE_FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}
+
 MAX_CHOICES = 256  # engine requests one HTTP request may start
 
 
@@ -134,34 +127,6 @@ class Server:
                 param="messages",
             )
         return room if requested is None else requested
-
-    def props(self) -> dict:
-        """The model and the engine's settings (GET /props)."""
-        e = self.engine.engine
-        cfg, mc, spec = e.config, e.model_config, e.kv_spec
-        return {
-            "model": self.served_name,
-            "model_path": e.model_name,
-            "architecture": mc.architecture,
-            "max_model_len": self.max_model_len,
-            "vocab_size": mc.vocab_size,
-            "quantization": e.model.quantization,
-            "kv_cache": {
-                "dtype": cfg.cache.dtype,
-                "block_size": spec.block_size,
-                "num_blocks": spec.num_blocks,
-                "capacity_tokens": e.capacity_tokens,
-                "prefix_caching": cfg.cache.enable_prefix_caching,
-            },
-            "engine": {
-                "max_num_seqs": cfg.scheduler.max_num_seqs,
-                "max_num_batched_tokens": cfg.scheduler.max_num_batched_tokens,
-                "speculative": cfg.speculative.method,
-                "attention_backend": e.runner.backend.name,
-                "num_threads": torch.get_num_threads(),
-            },
-            "chat_template": self.tokenizer.chat_template,
-        }
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -263,52 +228,7 @@ def _app(lifespan) -> FastAPI:
         srv: Server = app.state.server  # set when the app was built
         return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", include_in_schema=False)
-    async def chat_page():
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-    @app.get("/static/{name}", include_in_schema=False)
-    async def page_file(name: str):
-        if name not in PAGE_FILES:
-            raise ApiError(404, f"no such file: {name}", "invalid_request_error")
-        return FileResponse(
-            STATIC / name, media_type=PAGE_FILES[name], headers={"Cache-Control": "no-cache"}
-        )
-
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
-        srv: Server = app.state.server  # set when the app was built
-        srv.check_model(body.model)
-        tok = srv.tokenizer
-        if body.messages is not None:
-            text = tok.apply_chat_template(
-                [m.as_dict() for m in body.messages], body.add_generation_prompt
-            )
-            ids = tok.encode(text)  # as the chat endpoint encodes its prompt
-        else:
-            text = body.prompt if body.prompt is not None else body.content
-            ids = tok.encode(text, add_special_tokens=body.add_special_tokens)
-        tokens = [{"id": t, "piece": srv.token_text(t)} for t in ids] if body.with_pieces else ids
-        return {"tokens": tokens, "count": len(ids), "max_model_len": srv.max_model_len}
-
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        srv: Server = app.state.server  # set when the app was built
-        srv.check_model(body.model)
-        vocab = srv.engine.engine.model_config.vocab_size
-        bad = next((i for i, t in enumerate(body.tokens) if t >= vocab), None)
-        if bad is not None:
-            raise InvalidRequest(
-                f"token id {body.tokens[bad]} is past the vocabulary ({vocab} tokens)",
-                param=f"tokens.{bad}",
-            )
-        text = srv.tokenizer.decode(body.tokens, skip_special_tokens=False)
-        return {"prompt": text, "content": text}  # vLLM's name and llama-server's
-
-    @app.get("/props")
-    async def props():
-        srv: Server = app.state.server  # set when the app was built
-        return srv.props()
+    app.include_router(extras)  # the chat page, /tokenize, /detokenize, /props
 
     @app.get("/v1/models")
     async def models():

@@ -113,19 +113,19 @@ def test_prompt_logprobs_match_transformers(gguf_path, hf_model, hf_tokenizer):
 
 
 def test_prompt_logprobs_survive_preemption(gguf_path, llm):
-    # 40 blocks of 16 tokens for 5 requests of 150 + 64 tokens: some are preempted, mid-prompt
+    # 24 blocks of 16 tokens for 4 requests of 150 + 32 tokens: some are preempted, mid-prompt
     # (chunks of 64) or decoding, and recomputed; each prompt is scored once, position by
     # position, as when it runs alone.
     from slimserve import LLM
 
     spec = llm.engine.kv_spec
     small = LLM(gguf_path, quantization="none", kv_cache_dtype="float32",
-                kv_cache_memory=40 * spec.block_size * spec.bytes_per_token,
+                kv_cache_memory=24 * spec.block_size * spec.bytes_per_token,
                 max_num_batched_tokens=64)  # fmt: skip
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(100, 40000, (150,), generator=g).tolist() for _ in range(5)]
-    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
-    outs = small.generate(prompts, [params] * 5)
+    prompts = [torch.randint(100, 40000, (150,), generator=g).tolist() for _ in range(4)]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    outs = small.generate(prompts, [params] * 4)
     assert small.engine.stats().preemptions > 0
     for ids, out in zip(prompts, outs):
         check_prompt_logprobs(out.prompt_logprobs, ids, llm.engine.prompt_logits(ids), 0)
