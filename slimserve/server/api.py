@@ -283,11 +283,11 @@ def _app(lifespan) -> FastAPI:
             # max_tokens 0 (echo only) draws one token that the response leaves out.
             max_tokens = max(1, srv.max_tokens(16 if body.max_tokens is None else body.max_tokens,
                                                len(p)))  # fmt: skip
+            if body.echo:  # decoded once for all n choices of a prompt given as ids
+                echoed += [text if isinstance(text, str) else srv.tokenizer.decode(p)] * body.n
             for i in range(body.n):
                 ids.append(p)
                 params.append(body.sampling_params(max_tokens, i, body.logprobs, scored))
-                if body.echo:
-                    echoed.append(text if isinstance(text, str) else srv.tokenizer.decode(p))
         return await respond(srv, request, body, ids, params, chat=False, echo=echoed or None)
 
     return app

@@ -168,6 +168,11 @@ def test_completion_echo_scores_the_prompt(client, llm):
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == both.text
     unscored = client.completions.create(model=MODEL, prompt=head, max_tokens=0, echo=True)
     assert unscored.choices[0].text == head and unscored.choices[0].logprobs is None
+    two = client.completions.create(
+        model=MODEL, prompt=[ids[:3], ids], max_tokens=0, echo=True, n=2
+    )
+    texts = [llm.tokenizer.decode(ids[:3])] * 2 + [text] * 2
+    assert [c.text for c in sorted(two.choices, key=lambda c: c.index)] == texts
 
 
 def test_models_endpoint(client):
