@@ -18,7 +18,7 @@ import torch
 
 from slimserve import kernels
 from slimserve.config import EngineConfig, num_threads_from_env
-from slimserve.engine import memory, rejection
+from slimserve.engine import memory, rejection, scoring
 from slimserve.engine.detokenizer import Detokenizer
 from slimserve.engine.input_batch import StepPlan, build_plan
 from slimserve.engine.loading import load_model
@@ -348,7 +348,7 @@ class Engine:
         for s in plan.spans:
             req = s.req
             if s.prompt_rows:
-                _score_prompt(req, s.start, scores[k : k + s.prompt_rows])
+                scoring.score_prompt(req, s.start, scores[k : k + s.prompt_rows])
                 k += s.prompt_rows
             n = s.num_samples
             if not n:  # a prompt chunk: every row's KV is final
@@ -437,30 +437,9 @@ class Engine:
             )
             del drafts[valid:]
 
-    @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
-        """(T, V) logits at every position of one sequence, for evaluation and reference tests.
-
-        With `chunk`, the sequence runs as chunked prefill: each chunk attends to the earlier
-        ones through the KV cache, so the cache's storage (e.g. int8) shows in the logits.
-        Uses free KV blocks for the duration of the call and gives them back."""
-        n = len(token_ids)
-        # A tuple id: no client request (ids are strings) can ever share these blocks.
-        rid = ("prompt_logits", next(self._ids))
-        req = Request(rid, None, list(token_ids), SamplingParams(), frozenset())
-        if not self.kv.allocate_slots(rid, n):
-            raise CapacityError(f"{n} tokens do not fit the free KV cache")
-        out = []
-        try:
-            for start in range(0, n, chunk or n):
-                req.num_computed_tokens = start
-                size = min(chunk or n, n - start)
-                tables = {rid: self.kv.block_ids(rid)}
-                plan = build_plan([(req, size)], tables, self.kv_spec.block_size, all_logits=True)
-                out.append(self.runner.execute(plan))
-            return torch.cat(out)
-        finally:
-            self.kv.free(rid)
+        """(T, V) logits at every position of one sequence (engine/scoring.py)."""
+        return scoring.prompt_logits(self, token_ids, chunk)
 
     def _output(self, req: Request) -> RequestOutput:
         done = req.finished
@@ -475,23 +454,3 @@ class Engine:
             req.request_id, req.prompt, req.prompt_token_ids, [completion], done, req.error,
             req.prompt_logprobs, req.num_cached_tokens or 0,
         )  # fmt: skip
-
-
-def _score_prompt(req: Request, start: int, logits: torch.Tensor) -> None:
-    """Append the logprobs that rows `start`, `start + 1`, ... give the prompt tokens after
-    them (with the request's number of top alternatives); positions it already holds (rows run
-    again after a preemption) are skipped."""
-    k = req.params.prompt_logprobs
-    first = start + 1  # the token row 0 scores
-    skip = len(req.prompt_logprobs) - first  # >= 0: the scheduler leaves no gap
-    if skip >= len(logits):
-        return
-    logprobs = torch.log_softmax(logits[skip:].float(), dim=-1)
-    targets = req.prompt_token_ids[first + skip : first + len(logits)]
-    chosen = logprobs.gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1).tolist()
-    top = logprobs.topk(k) if k else None
-    for r, (tok, lp) in enumerate(zip(targets, chosen)):
-        entry = {tok: lp}
-        if top is not None:
-            entry.update(zip(top.indices[r].tolist(), top.values[r].tolist()))
-        req.prompt_logprobs.append(entry)
