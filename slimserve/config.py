@@ -29,10 +29,23 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     rope_scaling: tuple | None = None  # (("type", "llama3"), ("factor", 8.0), ...) kept hashable
+    qk_norm: bool = False  # an RMSNorm over each query and key head (Qwen3, Gemma 3)
+    # Sliding-window attention: the window (tokens a query sees, itself included) and, per layer,
+    # whether it is a window layer; None: every layer attends in full.
+    sliding_window: int = 0
+    window_layers: tuple[bool, ...] | None = None
+    rope_local_theta: float | None = None  # the RoPE base of window layers, when it differs
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (else head_dim)
+    final_logit_softcapping: float | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.window_layers is not None and len(self.window_layers) != self.num_layers:
+            raise ValueError("window_layers must name every layer")
+
+    def is_window_layer(self, i: int) -> bool:
+        return bool(self.sliding_window and self.window_layers and self.window_layers[i])
 
 
 KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")

@@ -44,6 +44,8 @@ class NativeCPUBackend(TorchSDPABackend):
     def build_metadata(self, plan: StepPlan, spec):
         """One group: every row of the plan, a prompt chunk's as much as a decode's, as its own
         query over its request's blocks (see the module's docstring for why)."""
+        if spec.window:  # window layers attend through SDPA, masked (TorchSDPABackend)
+            return self._window_groups(plan, spec.window)
         if not self.per_row:
             return super().build_metadata(plan, spec)
         bs, spans = plan.block_size, plan.spans

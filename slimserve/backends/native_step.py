@@ -83,6 +83,8 @@ def _layer_parts(layer) -> tuple | None:
         )
     except AttributeError:
         return None
+    if getattr(attn, "qk_norm", False):  # per-head q/k norms (Qwen3): not in the native step
+        return None
     kinds = (RMSNorm, Int4Linear, Int4Linear, RMSNorm, Int4Linear, Int4Linear)
     if not all(type(m) is k for m, k in zip(parts, kinds)) or type(mlp.act) is not SiluAndMul:
         return None

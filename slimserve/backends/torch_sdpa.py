@@ -105,6 +105,8 @@ class TorchSDPABackend(AttentionBackend):
 
     # -- metadata ----------------------------------------------------------------------------
     def build_metadata(self, plan: StepPlan, spec: AttentionSpec) -> list[AttentionGroup]:
+        if spec.window:
+            return self._window_groups(plan, spec.window)
         bs = plan.block_size
         batched = [s for s in plan.spans if self._batched(s)]
         groups = [self._decode_group(run, common, bs) for run, common in self._runs(batched, bs)]
@@ -167,6 +169,51 @@ class TorchSDPABackend(AttentionBackend):
         return AttentionGroup(
             rows, 1, s.num_rows, _blocks([s.table], L, bs), mask, causal=False, kv_len=L,
             block_size=bs,
+        )  # fmt: skip
+
+    # -- sliding-window layers ------------------------------------------------------------
+    def _window_groups(self, plan: StepPlan, window: int) -> list[AttentionGroup]:
+        """Groups for layers that see only the last `window` tokens: single-row decodes batched
+        into one call, every other span a block of its own; each reads its blocks from the
+        first one any of its rows sees, and a mask cuts what lies outside each row's window.
+        No cascade: a shared prefix soon falls out of the window."""
+        bs = plan.block_size
+        single = [s for s in plan.spans if s.decode and s.num_rows == 1]
+        groups = [self._window_decodes(single, window, bs)] if single else []
+        return groups + [
+            self._window_chunk(s, window, bs)
+            for s in plan.spans
+            if not (s.decode and s.num_rows == 1)
+        ]
+
+    @staticmethod
+    def _window_decodes(spans: list[Span], window: int, bs: int) -> AttentionGroup:
+        ends = torch.tensor([s.start + 1 for s in spans]).unsqueeze(1)  # (B, 1) keys seen
+        first = max(0, int(ends.min()) - window) // bs  # the earliest block any row sees
+        L = int(ends.max()) - first * bs
+        keys = torch.arange(first * bs, first * bs + L).unsqueeze(0)
+        visible = (keys < ends) & (keys >= ends - window)
+        mask = None if bool(visible.all()) else visible[:, None, None]
+        blocks = _blocks([s.table[first:] for s in spans], L, bs)
+        return AttentionGroup(
+            _rows_of(spans), len(spans), 1, blocks, mask, causal=False, kv_len=L, block_size=bs
+        )
+
+    @staticmethod
+    def _window_chunk(s: Span, window: int, bs: int) -> AttentionGroup:
+        rows = slice(s.first_row, s.first_row + s.num_rows)
+        end = s.start + s.num_rows
+        if s.start == 0 and end <= window:  # no row's window is cut: plain causal
+            return AttentionGroup(rows, 1, s.num_rows, None, None, causal=True)
+        first = max(0, s.start + 1 - window) // bs
+        queries = torch.arange(s.start, end).unsqueeze(1)
+        keys = torch.arange(first * bs, end).unsqueeze(0)
+        mask = ((keys <= queries) & (keys > queries - window))[None, None]
+        if s.start == 0:  # a fresh prompt: its own new keys
+            return AttentionGroup(rows, 1, s.num_rows, None, mask, causal=False)
+        return AttentionGroup(
+            rows, 1, s.num_rows, _blocks([s.table[first:]], end - first * bs, bs), mask,
+            causal=False, kv_len=end - first * bs, block_size=bs,
         )  # fmt: skip
 
     # -- the layer's work --------------------------------------------------------------------

@@ -16,12 +16,23 @@ from slimserve.config import CacheConfig, ModelConfig
 
 @dataclass(frozen=True, slots=True)
 class AttentionSpec:
-    """How one layer attends: "full" over every earlier token (the only kind so far)."""
+    """How one layer attends: "full" over every earlier token, or "sliding" over the last
+    `window` tokens (the query's own included), as Gemma's and Mistral's window layers do."""
 
     kind: str = "full"
+    window: int = 0
+
+    def first_visible(self, position: int) -> int:
+        """The earliest position a query at `position` attends to."""
+        return max(0, position + 1 - self.window) if self.window else 0
 
 
 FULL = AttentionSpec()
+
+
+def layer_specs(cfg: ModelConfig) -> tuple[AttentionSpec, ...]:
+    window = AttentionSpec("sliding", cfg.sliding_window) if cfg.sliding_window else FULL
+    return tuple(window if cfg.is_window_layer(i) else FULL for i in range(cfg.num_layers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +88,7 @@ def kv_cache_spec(model_cfg: ModelConfig, cache: CacheConfig) -> KVCacheSpec:
     """The cache `cache`'s memory budget holds for `model_cfg` (at least one block)."""
     per_block = kv_bytes_per_token(model_cfg, cache.dtype) * cache.block_size
     return KVCacheSpec(
-        layers=(FULL,) * model_cfg.num_layers,
+        layers=layer_specs(model_cfg),
         num_kv_heads=model_cfg.num_kv_heads,
         format=KVFormat.of(cache.dtype, model_cfg.head_dim),
         block_size=cache.block_size,

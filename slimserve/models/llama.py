@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2): pre-norm decoder, RoPE, GQA, SwiGLU."""
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3): pre-norm decoder, RoPE, GQA,
+SwiGLU; Qwen3 adds an RMSNorm over each query and key head."""
 
 import torch
 from torch import nn
@@ -13,6 +14,16 @@ from slimserve.layers.rotary import RotaryEmbedding
 from slimserve.models.weights import load_weights
 
 
+def qk_normed(attn: nn.Module, qkv: torch.Tensor, T: int):
+    """(q, k, v) heads of a packed projection, q and k through the layer's per-head RMSNorms:
+    q (T, H, D), k and v (T, Hkv, D)."""
+    D = attn.attn.head_dim
+    q, k, v = qkv.split(attn.sizes, dim=-1)
+    q = attn.q_norm(q.reshape(-1, D))[0].view(T, -1, D)
+    k = attn.k_norm(k.reshape(-1, D))[0].view(T, -1, D)
+    return q, k, v.view(T, -1, D)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
         super().__init__()
@@ -20,12 +31,21 @@ class LlamaAttention(nn.Module):
         self.sizes = [H * D, Hkv * D, Hkv * D]
         self.qkv_proj = Linear(cfg.hidden_size, self.sizes, bias=cfg.attention_bias)
         self.o_proj = Linear(H * D, [cfg.hidden_size])
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.rotary = rotary
         self.attn = Attention(H, Hkv, D)
 
     def forward(self, rope, x: torch.Tensor) -> torch.Tensor:
         T, D, H = x.shape[0], self.attn.head_dim, self.attn.num_heads
         qkv = self.qkv_proj(x)
+        if self.qk_norm:
+            q, k, v = qk_normed(self, qkv, T)
+            return self.o_proj(
+                self.attn(self.rotary.rotate(rope, q), self.rotary.rotate(rope, k), v)
+            )
         # q and k heads sit side by side in qkv: one rotation covers both.
         qk = self.rotary.rotate(rope, qkv[:, : self.sizes[0] + self.sizes[1]].view(T, -1, D))
         v = qkv[:, self.sizes[0] + self.sizes[1] :].view(T, -1, D)
@@ -102,3 +122,21 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights) -> None:
         skip = ("lm_head.",) if self.config.tie_word_embeddings else ()
         load_weights(self, weights, self.packed_modules, skip)
+
+    # -- its description in checkpoints: what the loader reads beyond the common fields --------
+    gguf_names: dict[str, str] = {}  # GGUF -> HF names where this family differs
+
+    @staticmethod
+    def gguf_config(meta, found: dict) -> dict:
+        """ModelConfig fields from GGUF metadata (`meta(key, default)`), given the common ones."""
+        return dict(found, qk_norm=found["architecture"] == "qwen3")
+
+    @staticmethod
+    def hf_config(c: dict, found: dict) -> dict:
+        """ModelConfig fields from config.json `c`, given the common ones."""
+        return dict(found, qk_norm=found["architecture"].startswith("Qwen3"))
+
+    @staticmethod
+    def gguf_tensor(hf_name: str, w):
+        """A GGUF tensor (float32 array) in the checkpoint convention the model loads."""
+        return w

@@ -1,4 +1,5 @@
-"""Hugging Face safetensors directories: tiny random Llama/Qwen2 models against transformers."""
+"""Hugging Face safetensors directories: tiny random Llama, Qwen2, Qwen3 and Gemma 3 models
+against transformers."""
 
 import json
 
@@ -29,10 +30,18 @@ def make_hf_dir(tmp_path, llm, arch: str, **overrides):
     common.update(overrides)
     if arch == "qwen2":
         cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    elif arch == "qwen3":
+        cfg, cls = transformers.Qwen3Config(**common), transformers.Qwen3ForCausalLM
+    elif arch == "gemma3":
+        cfg, cls = transformers.Gemma3TextConfig(**common), transformers.Gemma3ForCausalLM
     else:
         cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
     torch.manual_seed(0)
     model = cls(cfg).eval()
+    with torch.no_grad():  # norms start at 1 (or Gemma's w = 0): make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.3)
     model.save_pretrained(tmp_path, safe_serialization=True)
     llm.tokenizer.fast.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(
@@ -63,6 +72,21 @@ CASES = {
         ),
     ),
     "qwen2-bias": ("qwen2", dict(tie_word_embeddings=True)),
+    # per-head q/k RMSNorms, a head_dim that is not hidden / heads
+    "qwen3-qk-norm": ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
+    # window layers around a global one (window 16 over 200 tokens, 64-token chunks), its own
+    # attention scale, soft-capped logits, two RoPE bases; norms start at w = 0, i.e. 1 + w
+    "gemma3-window": (
+        "gemma3",
+        dict(
+            num_hidden_layers=3,
+            head_dim=32,
+            sliding_window=16,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            final_logit_softcapping=30.0,
+        ),
+    ),  # fmt: skip
 }
 
 
@@ -73,8 +97,11 @@ def test_hf_directory_logits_match_transformers(tmp_path, llm, case):
     ours = LLM(
         str(tmp_path), kv_cache_memory="16MiB", max_num_batched_tokens=64, kv_cache_dtype="float32"
     )
-    if arch == "qwen2":
-        assert ours.engine.model_config.attention_bias
+    cfg = ours.engine.model_config
+    assert cfg.attention_bias == (arch == "qwen2")
+    assert cfg.qk_norm == (arch in ("qwen3", "gemma3"))
+    if arch == "gemma3":
+        assert [s.window for s in ours.engine.kv_spec.layers] == [16, 0, 16]
     ids = torch.randint(3, VOCAB, (200,), generator=torch.Generator().manual_seed(1)).tolist()
     got = ours.engine.prompt_logits(ids)
     with torch.no_grad():
@@ -92,3 +119,13 @@ def test_hf_directory_logits_match_transformers(tmp_path, llm, case):
         )[0, 100:].tolist()
     assert out[0].outputs[0].token_ids == hf
     assert ours.tokenizer.eos_ids >= {2}
+
+
+def test_qk_norm_models_never_take_the_fused_native_step(tmp_path, llm):
+    """The fused decode step composes Llama layers; with per-head q/k norms (Qwen3) it would
+    skip them, so such a model decodes through the modules even with int4 weights."""
+    make_hf_dir(tmp_path, llm, "qwen3", tie_word_embeddings=True, head_dim=32)
+    ours = LLM(str(tmp_path), kv_cache_memory="16MiB", quantization="int4")
+    assert getattr(ours.engine.runner.backend, "step", None) is None
+    out = ours.generate(["hello"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
