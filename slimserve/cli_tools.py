@@ -26,6 +26,7 @@ def cmd_bench(args) -> int:
         "spec": ("speculative", "run_spec"),
         "structured": ("structured", "run_structured"),
         "load": ("load", "run_load"),
+        "kv": ("kv", "run_kv"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -153,6 +154,11 @@ def add_tool_parsers(sub) -> None:
     ld.add_argument("--threads", type=int, default=None)
     ld.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
     ld.add_argument("--output", default=None, help="write results as JSON here")
+    kvb = bsub.add_parser("kv", help="KV bytes a sequence holds per token, by context length")
+    kvb.add_argument("--lengths", type=int, nargs="+", default=[512, 4096, 16384])
+    kvb.add_argument("--seed", type=int, default=0)
+    kvb.add_argument("--output", default=None, help="write results as JSON here")
+    add_engine_args(kvb)
     roof = bsub.add_parser("roofline", help="machine limits, model cost per token, fractions")
     roof.add_argument("--latency", default=None, help="a bench latency JSON to rate")
     roof.add_argument("--output", default=None)

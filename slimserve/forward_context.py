@@ -2,8 +2,8 @@
 
 Models take tensors only (`forward(input_ids, positions)`); how the flat batch of query rows maps
 onto sequences and KV-cache slots lives here for one step. `metadata` holds what the attention
-backend built for each layer spec, so layers that attend differently (a sliding window beside
-full attention) each find their own.
+backend built for each KV group (kv_cache/spec.py), so layers that attend differently (a sliding
+window beside full attention) or read other block tables each find their own.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ import torch
 
 @dataclass(slots=True)
 class ForwardContext:
-    slot_mapping: torch.Tensor  # (T,) flat KV slot each new token writes to
-    metadata: dict = field(default_factory=dict)  # AttentionSpec -> the backend's metadata
+    slot_mapping: torch.Tensor  # (T,) flat KV slot each new token writes to (KV group 0)
+    metadata: dict = field(default_factory=dict)  # KV group -> the backend's metadata
+    group_slots: tuple[torch.Tensor, ...] = ()  # the slots in KV groups 1, 2, ...
+
+    def slots(self, group: int) -> torch.Tensor:
+        return self.slot_mapping if group == 0 else self.group_slots[group - 1]
 
 
 # Per thread: two engines on two threads each see their own step.

@@ -103,8 +103,9 @@ class Engine:
             config.quant_group_size,
         )  # fmt: skip
         self.kv = KVCacheManager(
-            self.kv_spec.num_blocks, cache.block_size, cache.enable_prefix_caching, salt
-        )
+            self.kv_spec.num_blocks, cache.block_size, cache.enable_prefix_caching, salt,
+            self.kv_spec.group_specs,
+        )  # fmt: skip
         self.runner = ModelRunner(self.model, self.model_config, self.kv_spec, native)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.sampler = Sampler()
@@ -223,7 +224,8 @@ class Engine:
                 f"{total} tokens exceed the model's context length of {self.max_model_len}",
                 param="max_tokens",
             )
-        if self.kv.blocks_needed(total) > self.kv.num_blocks:
+        chunk = self.config.scheduler.max_num_batched_tokens
+        if self.kv_spec.pages_held(total, chunk) > self.kv.num_blocks:
             raise CapacityError(
                 f"the request needs {total} tokens of KV cache but it holds "
                 f"{self.capacity_tokens}; raise --kv-cache-memory"
@@ -277,7 +279,7 @@ class Engine:
         self._prompt_tokens_computed += sum(
             max(0, min(n, r.num_prompt_tokens - r.num_computed_tokens)) for r, n in out.scheduled
         )
-        tables = {r.request_id: self.kv.block_ids(r.request_id) for r, _ in out.scheduled}
+        tables = {r.request_id: self.kv.tables(r.request_id) for r, _ in out.scheduled}
         try:
             t0 = time.perf_counter()
             plan = build_plan(out.scheduled, tables, self.kv_spec.block_size)

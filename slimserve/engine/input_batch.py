@@ -11,6 +11,7 @@ own (slimserve/backends).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ class Span:
     start: int  # num_computed_tokens when the step began: the first row's position
     num_rows: int
     first_row: int  # where the rows begin in the flat batch
-    table: list[int]  # the request's block ids
+    table: list[int]  # the request's block ids (in the KV group the plan is viewed for)
     # Rows that each read the cache on their own (a decode, or a verify of drafts) rather than a
     # chunk of prompt attended as one causal block.
     decode: bool
@@ -35,6 +36,7 @@ class Span:
     # Of the logits rows, the first ones that score the prompt (prompt_logprobs) rather than
     # draw a token: row j gives the log-probability of prompt token start + j + 1.
     prompt_rows: int = 0
+    tables: tuple[list[int], ...] = ()  # its block ids in every KV group (the first: `table`)
 
     @property
     def rows(self) -> range:
@@ -58,6 +60,20 @@ class StepPlan:
     slot_mapping: torch.Tensor  # (T,) int64: the KV slot each row writes
     logits_rows: torch.Tensor  # (R,) int64: rows whose logits are computed, span by span
     block_size: int
+    # Per KV group (kv_cache/spec.py) past the first: the slots each row writes in it.
+    group_slots: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def num_groups(self) -> int:
+        return 1 + len(self.group_slots)
+
+    def group(self, g: int) -> StepPlan:
+        """The plan as KV group `g` sees it: its block tables and slots (the plan itself for
+        group 0)."""
+        if g == 0:
+            return self
+        spans = [dataclasses.replace(s, table=s.tables[g]) for s in self.spans]
+        return dataclasses.replace(self, spans=spans, slot_mapping=self.group_slots[g - 1])
 
     @property
     def num_rows(self) -> int:
@@ -86,18 +102,25 @@ def build_plan(
     block_size: int,
     all_logits: bool = False,
 ) -> StepPlan:
-    """The plan for requests each given `n` new rows; `tables` holds their block ids. With
-    `all_logits`, every row needs logits (evaluation: the logits at every position)."""
+    """The plan for requests each given `n` new rows; `tables` holds their block ids (a list,
+    or one per KV group). With `all_logits`, every row needs logits (evaluation: the logits at
+    every position)."""
     decodes, chunks = [], []
     for req, n in scheduled:
         start = req.num_computed_tokens
         # The last real token (and any drafts after it), or a single token: each row reads the
         # cache by itself. Otherwise a chunk of prompt.
         (decodes if n == 1 or start >= req.num_tokens - 1 else chunks).append((req, n))
-    spans, ids, pos, slots, logits_rows = [], [], [], [], []
+    spans, ids, pos, logits_rows = [], [], [], []
     bs = block_size
+    first = next(iter(tables.values()), [])
+    num_groups = 1 if isinstance(first, list) else len(first)
+    slots = [[] for _ in range(num_groups)]
     for req, n in decodes + chunks:
-        start, table = req.num_computed_tokens, tables[req.request_id]
+        start, group_tables = req.num_computed_tokens, tables[req.request_id]
+        if num_groups == 1 and isinstance(group_tables, list):
+            group_tables = (group_tables,)
+        table = group_tables[0]
         tokens = req.all_token_ids + req.spec_token_ids if req.spec_token_ids else req.all_token_ids
         end = start + n
         # Logits from the row of the last real token on: it and every draft row draw a token.
@@ -109,18 +132,20 @@ def build_plan(
             logits_from = 0
         span = Span(
             req, start, n, len(ids), table, start >= req.num_tokens - 1 or n == 1,
-            max(0, end - req.num_tokens), logits_from, prompt_rows,
+            max(0, end - req.num_tokens), logits_from, prompt_rows, group_tables,
         )  # fmt: skip
         spans.append(span)
         logits_rows += range(span.first_row + logits_from, span.first_row + n)
         ids += tokens[start:end]
         pos += range(start, end)
-        slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+        for g, t in enumerate(group_tables):
+            slots[g] += [t[p // bs] * bs + p % bs for p in range(start, end)]
     return StepPlan(
         spans,
         torch.tensor(ids, dtype=torch.long),
         torch.tensor(pos, dtype=torch.long),
-        torch.tensor(slots, dtype=torch.long),
+        torch.tensor(slots[0], dtype=torch.long),
         torch.tensor(logits_rows, dtype=torch.long),
         block_size,
+        tuple(torch.tensor(s, dtype=torch.long) for s in slots[1:]),
     )

@@ -43,19 +43,23 @@ class ModelRunner:
         self.model = model
         self.config = model_config
         self.spec = spec
-        self.layer_specs = tuple(dict.fromkeys(spec.layers))  # the distinct ones, in order
-        # Head-major (Hkv, slots, row) per layer and K/V (backends/torch_sdpa.py); block 0 is the
-        # null block, so the tensors hold one block more than the pool hands out.
+        self.group_specs = spec.group_specs
+        # Head-major (Hkv, slots, row) per K/V and member of a KV group (backends/torch_sdpa.py):
+        # the j-th layer of every group writes tensor j, at the slots of its group's blocks, so
+        # a block (page) holds its tokens for every layer of one group. Block 0 is the null
+        # block, so the tensors hold one block more than the pool hands out.
         slots = (NULL_BLOCK + 1 + spec.num_blocks) * spec.block_size
         fmt = spec.format
         self.kv_cache = lazy_zeros(
-            (len(spec.layers), 2, spec.num_kv_heads, slots, fmt.width), fmt.dtype
+            (spec.group_size, 2, spec.num_kv_heads, slots, fmt.width), fmt.dtype
         )
         self.layers = [m for m in model.modules() if isinstance(m, Attention)]
         self._built = None  # what a backend prepared (the fused step), kept across rebuilds
-        for i, attn in enumerate(self.layers):
-            attn.kv_cache = (self.kv_cache[i, 0], self.kv_cache[i, 1])
-            attn.spec = spec.layers[i]
+        for g, members in enumerate(spec.groups):
+            for j, i in enumerate(members):
+                attn = self.layers[i]
+                attn.kv_cache = (self.kv_cache[j, 0], self.kv_cache[j, 1])
+                attn.spec, attn.group = spec.layers[i], g
         self.select_kernels(native)
 
     def select_kernels(self, native: bool) -> None:
@@ -77,8 +81,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """Run one step; returns (R, V) logits for `plan.logits_rows` (None when R is 0)."""
-        metadata = {s: self.backend.build_metadata(plan, s) for s in self.layer_specs}
-        ctx = ForwardContext(plan.slot_mapping, metadata)
+        metadata = {
+            g: self.backend.build_metadata(plan.group(g), s) for g, s in enumerate(self.group_specs)
+        }
+        ctx = ForwardContext(plan.slot_mapping, metadata, plan.group_slots)
         with forward_context(ctx):
             hidden = self.backend.run_model(self.model, plan, ctx)
         if not len(plan.logits_rows):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from slimserve.config import SchedulerConfig
 from slimserve.engine.request import Request, RequestStatus
-from slimserve.kv_cache.manager import KVCacheManager, PrefixHit
+from slimserve.kv_cache.manager import KVCacheManager
 
 
 @dataclass(slots=True)
@@ -69,7 +69,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = self._rows(req, budget)
-            while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+            while not self.kv.allocate_slots(
+                req.request_id, req.num_computed_tokens + n, num_computed=req.num_computed_tokens
+            ):
                 victim = max(self.running[i:], key=_order)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -101,12 +103,12 @@ class Scheduler:
     def _admit(self, req: Request, budget: int) -> int:
         """Move waiting `req` to running with its prefix-cache hit and KV for up to `budget` new
         rows; returns the rows, or 0 (left waiting) when the KV does not fit."""
-        hit = self.kv.find_prefix(req.all_token_ids)  # num_computed_tokens is 0 while waiting
+        # Only blocks whose positions already have their logprobs (after a preemption) for a
+        # request that scores its prompt: the rest must run to produce them.
+        keep = None
         if req.wants_prompt_logprobs:
-            # Only blocks whose positions already have their logprobs (after a preemption): the
-            # rest must run to produce them.
-            keep = min(len(hit.blocks), (len(req.prompt_logprobs) - 1) // self.kv.block_size)
-            hit = PrefixHit(hit.blocks[:keep], keep * self.kv.block_size)
+            keep = max(0, len(req.prompt_logprobs) - 1) // self.kv.block_size
+        hit = self.kv.find_prefix(req.all_token_ids, keep)  # num_computed_tokens is 0 here
         n = min(req.num_tokens - hit.num_tokens, budget)
         if not self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
             return 0
@@ -126,7 +128,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if req.status is RequestStatus.RUNNING:
             n = self._rows(req, budget)
-            if self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+            if self.kv.allocate_slots(
+                req.request_id, req.num_computed_tokens + n, num_computed=req.num_computed_tokens
+            ):
                 out.scheduled.append((req, n))
         elif n := self._admit(req, budget):
             out.scheduled.append((req, n))

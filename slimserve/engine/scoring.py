@@ -34,7 +34,7 @@ def prompt_logits(engine: Engine, token_ids: list[int], chunk: int | None = None
         for start in range(0, n, chunk or n):
             req.num_computed_tokens = start
             size = min(chunk or n, n - start)
-            tables = {rid: engine.kv.block_ids(rid)}
+            tables = {rid: engine.kv.tables(rid)}
             plan = build_plan([(req, size)], tables, engine.kv_spec.block_size, all_logits=True)
             out.append(engine.runner.execute(plan))
         return torch.cat(out)

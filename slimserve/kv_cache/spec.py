@@ -7,6 +7,7 @@ differ (full attention now; a sliding window or attention sinks are new kinds of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,13 @@ class KVFormat:
 class KVCacheSpec:
     """The whole cache: one spec per layer, the row format, and the block geometry.
 
+    Layers are split into KV groups of `group_size` layers of one spec each (`groups`: the layer
+    indices of each, full-attention groups first). Each group has its own block table per
+    request, and one block (a page) holds `block_size` tokens of every layer of a group, so
+    pages of all groups are the same size and come from one pool: a window group gives back the
+    pages that fall out of its window while a full group keeps its own. A model whose layers all
+    attend alike has one group of every layer, one table per request.
+
     Block 0 of the tensors is the null block: never handed out, it pads block tables and stands
     for entries that are not there; `num_blocks` counts the usable ones (1..num_blocks)."""
 
@@ -63,20 +71,59 @@ class KVCacheSpec:
     format: KVFormat
     block_size: int
     num_blocks: int
+    groups: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def group_specs(self) -> tuple[AttentionSpec, ...]:
+        return tuple(self.layers[g[0]] for g in self.groups)
+
+    @property
+    def group_size(self) -> int:
+        return len(self.groups[0])
 
     @property
     def bytes_per_token(self) -> int:
-        return (
-            len(self.layers)
-            * 2
-            * self.num_kv_heads
-            * self.format.width
-            * self.format.dtype.itemsize
-        )
+        """Bytes of KV one token holds in every layer."""
+        return len(self.layers) * self.row_pair_bytes
+
+    @property
+    def row_pair_bytes(self) -> int:
+        """One token's key and value rows in one layer."""
+        return 2 * self.num_kv_heads * self.format.width * self.format.dtype.itemsize
 
     @property
     def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
+        """Tokens the cache holds when every group keeps every token (short contexts)."""
+        return self.num_blocks // len(self.groups) * self.block_size
+
+    def bytes_held(self, num_tokens: int, chunk: int = 1) -> int:
+        """KV bytes one sequence of `num_tokens` holds at most (`chunk` new tokens a step)."""
+        return (
+            self.pages_held(num_tokens, chunk)
+            * self.block_size
+            * self.group_size
+            * (self.row_pair_bytes)
+        )
+
+    def pages_held(self, num_tokens: int, chunk: int = 1) -> int:
+        """Pages one sequence of `num_tokens` holds at most while `chunk` tokens run a step: all
+        of its blocks in a full group, the window's and the chunk's in a window group."""
+        bs = self.block_size
+        blocks = -(-num_tokens // bs)
+        return sum(
+            min(blocks, (s.window + chunk - 2) // bs + 2) if s.window else blocks
+            for s in self.group_specs
+        )
+
+
+def kv_groups(layers: tuple[AttentionSpec, ...]) -> tuple[tuple[int, ...], ...]:
+    """Layers grouped by spec into groups of one size (the gcd of the specs' layer counts)."""
+    by_spec: dict[AttentionSpec, list[int]] = {}
+    for i, s in enumerate(layers):
+        by_spec.setdefault(s, []).append(i)
+    size = math.gcd(*(len(v) for v in by_spec.values()))
+    ordered = sorted(by_spec.items(), key=lambda kv: kv[0].window)  # full (window 0) first
+    return tuple(tuple(idx[k : k + size]) for _, idx in ordered for k in range(0, len(idx), size))
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: str = "float32") -> int:
@@ -85,12 +132,15 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: str = "float32") -> int:
 
 
 def kv_cache_spec(model_cfg: ModelConfig, cache: CacheConfig) -> KVCacheSpec:
-    """The cache `cache`'s memory budget holds for `model_cfg` (at least one block)."""
-    per_block = kv_bytes_per_token(model_cfg, cache.dtype) * cache.block_size
+    """The cache `cache`'s memory budget holds for `model_cfg` (at least one page)."""
+    layers = layer_specs(model_cfg)
+    groups = kv_groups(layers)
+    per_page = kv_bytes_per_token(model_cfg, cache.dtype) // len(groups) * cache.block_size
     return KVCacheSpec(
-        layers=layer_specs(model_cfg),
+        layers=layers,
         num_kv_heads=model_cfg.num_kv_heads,
         format=KVFormat.of(cache.dtype, model_cfg.head_dim),
         block_size=cache.block_size,
-        num_blocks=max(1, cache.memory_bytes // per_block),
+        num_blocks=max(1, cache.memory_bytes // per_page),
+        groups=groups,
     )

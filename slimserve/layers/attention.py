@@ -20,12 +20,14 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.spec = spec
-        # Bound by the model runner: the (Hkv, slots, row) key and value caches, the backend.
+        # Bound by the model runner: the (Hkv, slots, row) key and value caches, the KV group
+        # whose block tables index them, the backend.
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.group = 0
         self.backend = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (T, H, D), k/v: (T, Hkv, D) -> (T, H * D)."""
         ctx = get_forward_context()
-        self.backend.write_kv(self, k, v, ctx.slot_mapping)
-        return self.backend.forward(self, q, k, v, ctx.metadata[self.spec])
+        self.backend.write_kv(self, k, v, ctx.slots(self.group))
+        return self.backend.forward(self, q, k, v, ctx.metadata[self.group])

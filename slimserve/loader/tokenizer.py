@@ -273,8 +273,10 @@ def _sentencepiece_bpe(source, tokens: list[str], types: list[int]):
         )
     )
     prefix = source.meta("tokenizer.ggml.add_space_prefix", True)
-    steps = [normalizers.Prepend(SPACE)] if prefix else []
-    fast.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
+    if prefix:  # a space before the text unless it starts with one (as transformers reads it)
+        fast.pre_tokenizer = pre_tokenizers.Metaspace(SPACE, "first", split=False)
+    else:
+        fast.normalizer = normalizers.Replace(" ", SPACE)
     strip = [decoders.Strip(" ", 1, 0)] if prefix else []
     fast.decoder = decoders.Sequence(
         [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip]

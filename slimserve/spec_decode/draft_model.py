@@ -27,7 +27,7 @@ from slimserve.engine.input_batch import build_plan
 from slimserve.engine.loading import load_model
 from slimserve.engine.model_runner import ModelRunner
 from slimserve.engine.request import Request
-from slimserve.errors import ModelLoadError
+from slimserve.errors import ModelLoadError, UnsupportedModel
 from slimserve.kv_cache.spec import kv_cache_spec
 from slimserve.loader import open_model
 from slimserve.spec_decode.index import Match
@@ -79,6 +79,12 @@ class DraftModelProposer:
                 f"the draft model {source.name} has a vocabulary of {source.config.vocab_size} "
                 f"tokens and the target {target.vocab_size}: a draft model needs the target's "
                 "tokenizer"
+            )
+        if source.config.sliding_window or engine.kv_spec.group_specs[0].window:
+            # The draft reads the target's first block table with layers all of one kind.
+            raise UnsupportedModel(
+                "a draft model with sliding-window layers, or for a target whose layers all "
+                "attend through a window, is not supported"
             )
         econf = engine.config
         native = econf.kernels == "auto" and kernels.available()

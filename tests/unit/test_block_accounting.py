@@ -9,6 +9,7 @@ from slimserve.engine.request import Request
 from slimserve.engine.scheduler import Scheduler
 from slimserve.kv_cache.block_pool import BlockPool, FreeBlockQueue
 from slimserve.kv_cache.manager import KVCacheManager
+from slimserve.kv_cache.spec import FULL, AttentionSpec
 from slimserve.sampling_params import SamplingParams
 
 NUM_BLOCKS, BS = 24, 4
@@ -17,9 +18,11 @@ NUM_BLOCKS, BS = 24, 4
 class EngineBookkeeping(RuleBasedStateMachine):
     """Drives the scheduler as the engine does, with a fake model that emits token 7."""
 
+    GROUPS = (FULL,)
+
     def __init__(self):
         super().__init__()
-        self.kv = KVCacheManager(NUM_BLOCKS, BS, enable_prefix_caching=True)
+        self.kv = KVCacheManager(NUM_BLOCKS, BS, enable_prefix_caching=True, groups=self.GROUPS)
         self.sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=10), self.kv)
         self.live: dict[str, Request] = {}
         self.n = 0
@@ -31,7 +34,8 @@ class EngineBookkeeping(RuleBasedStateMachine):
     )
     def add(self, prefix, extra, max_tokens):
         ids = prefix + extra
-        if self.kv.blocks_needed(len(ids) + max_tokens) > NUM_BLOCKS:
+        total = self.kv.blocks_needed(len(ids) + max_tokens)
+        if total * len(self.GROUPS) > NUM_BLOCKS:
             return  # the engine refuses these up front
         self.n += 1
         req = Request(f"r{self.n}", None, ids, SamplingParams(max_tokens=max_tokens), frozenset())
@@ -45,7 +49,13 @@ class EngineBookkeeping(RuleBasedStateMachine):
         for req, n in out.scheduled:
             assert n >= 1
             assert req.num_computed_tokens + n <= req.num_tokens
-            assert len(self.kv.req_blocks[req.request_id]) * BS >= req.num_computed_tokens + n
+            for g, table in enumerate(self.kv.req_blocks[req.request_id]):
+                assert len(table) * BS >= req.num_computed_tokens + n
+                first = self.kv.first_needed(g, req.num_computed_tokens)
+                assert None not in table[first:]  # every block a row of the step reads
+                w = self.GROUPS[g].window
+                if w:  # a window group holds only what its window and the step's rows see
+                    assert sum(b is not None for b in table) <= (w + n - 2) // BS + 2
         for req, n in out.scheduled:  # no drafts: every scheduled token is accepted
             self.sched.commit(req, req.num_computed_tokens + n)
         for req, _ in out.scheduled:
@@ -64,8 +74,8 @@ class EngineBookkeeping(RuleBasedStateMachine):
     @invariant()
     def ref_counts_match_holders(self):
         holders = {}
-        for blocks in self.kv.req_blocks.values():
-            for b in blocks:
+        for tables in self.kv.req_blocks.values():
+            for b in (b for t in tables for b in t if b is not None):
                 holders[b.block_id] = holders.get(b.block_id, 0) + 1
         free_ids = {b.block_id for b in self.kv.pool.free_queue}
         for b in self.kv.pool.blocks:
@@ -85,6 +95,45 @@ EngineBookkeeping.TestCase.settings = settings(
     max_examples=60, stateful_step_count=40, deadline=None
 )
 TestBlockAccounting = EngineBookkeeping.TestCase
+
+
+class WindowBookkeeping(EngineBookkeeping):
+    """The same with a full group and two 6-token window groups (as Gemma 3's layers are)."""
+
+    GROUPS = (FULL, AttentionSpec("sliding", 6), AttentionSpec("sliding", 6))
+
+
+WindowBookkeeping.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None
+)
+TestWindowBlockAccounting = WindowBookkeeping.TestCase
+
+
+def test_window_groups_give_back_blocks_and_hit_only_what_they_hold():
+    win = AttentionSpec("sliding", 6)
+    kv = KVCacheManager(NUM_BLOCKS, BS, groups=(FULL, win))
+    ids = list(range(40))
+    assert kv.allocate_slots("a", 24, num_computed=0)
+    kv.cache_full_blocks("a", ids, 24)
+    assert kv.allocate_slots("a", 25, num_computed=24)  # position 24 sees 19..24: blocks 4-6
+    full, window = kv.tables("a")
+    assert len(full) == len(window) == 7 and 0 not in full
+    assert window[:4] == [0] * 4 and 0 not in window[4:]
+    assert kv.num_held("a") == 7 + 3
+    # Another request with the same 24 tokens: 5 blocks hit (the last token is recomputed).
+    hit = kv.find_prefix(ids[:24])
+    assert hit.num_tokens == 20 and len(hit.blocks) == 5
+    (wblocks,) = hit.others
+    assert wblocks[:3] == [None] * 3 and None not in wblocks[3:]  # 20 sees 15..20: blocks 3-5
+    # Blocks 0-3 of the window group were given back and may be reused: after they are, no hit
+    # may reach past what the window group still holds.
+    kv.free("a")
+    assert kv.allocate_slots("b", (NUM_BLOCKS - 2) * BS // 2, num_computed=0)  # evicts LRU
+    hit = kv.find_prefix(ids[:24])
+    for g, blocks in enumerate(hit.per_group()):
+        assert all(b is None or b.key is not None for b in blocks)
+        first = kv.first_needed(g, hit.num_tokens)
+        assert None not in blocks[first:]
 
 
 def test_every_request_eventually_finishes():
