@@ -1,6 +1,6 @@
 """`slimserve bench kv`: KV bytes a sequence holds per token at several context lengths.
 
-One request of each length runs alone (its prompt, then one token); after every step the pages
+One request of each length runs alone (its prompt, then two tokens); after every step the pages
 it holds are counted, over all KV groups (kv_cache/spec.py), and the peak is reported per token
 beside what the same model would hold with every layer attending in full. For a model with
 sliding-window layers (Gemma 3) the difference is the window layers' pages given back.
@@ -31,7 +31,7 @@ def run_kv(args) -> dict:
             print(f"skip {n}: past the context length {eng.max_model_len}", file=sys.stderr)
             continue
         ids = [rng.randrange(3, vocab) for _ in range(n)]
-        rid = eng.add_request(ids, SamplingParams(max_tokens=1, ignore_eos=True))
+        rid = eng.add_request(ids, SamplingParams(max_tokens=2, ignore_eos=True))
         peak = 0
         while eng.has_unfinished():
             eng.step()

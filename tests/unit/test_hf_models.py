@@ -129,3 +129,62 @@ def test_qk_norm_models_never_take_the_fused_native_step(tmp_path, llm):
     assert getattr(ours.engine.runner.backend, "step", None) is None
     out = ours.generate(["hello"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+# HF name (under model.layers.{i}.) -> llama.cpp's GGUF name (under blk.{i}.)
+_GGUF_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}  # fmt: skip
+
+
+def test_qwen3_gguf_logits_match_transformers(tmp_path, llm, gguf_path):
+    """A Qwen3 GGUF (architecture `qwen3`: q/k norms from the architecture, its tensor names),
+    written from a tiny random transformers model with the default model's vocabulary."""
+    import gguf
+
+    from slimserve.loader.gguf_file import GGUFFile
+
+    ref = make_hf_dir(tmp_path, llm, "qwen3", tie_word_embeddings=True, head_dim=32)
+    cfg = ref.config
+    w = gguf.GGUFWriter(str(tmp_path / "qwen3.gguf"), "qwen3")
+    for key, value in (("context_length", 512), ("embedding_length", cfg.hidden_size),
+                       ("block_count", cfg.num_hidden_layers),
+                       ("feed_forward_length", cfg.intermediate_size),
+                       ("attention.head_count", cfg.num_attention_heads),
+                       ("attention.head_count_kv", cfg.num_key_value_heads),
+                       ("attention.key_length", 32), ("attention.value_length", 32)):  # fmt: skip
+        w.add_uint32(f"qwen3.{key}", value)
+    w.add_float32("qwen3.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_float32("qwen3.rope.freq_base", float(cfg.rope_parameters["rope_theta"]))
+    src = GGUFFile(gguf_path)  # the default model's byte-level BPE vocabulary
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(src.meta("tokenizer.ggml.pre"))
+    w.add_token_list(src.meta("tokenizer.ggml.tokens"))
+    w.add_token_types(src.meta("tokenizer.ggml.token_type"))
+    w.add_token_merges(src.meta("tokenizer.ggml.merges"))
+    w.add_eos_token_id(2)
+    for name, t in ref.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied
+        a = t.float().numpy()
+        if name == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", a)
+        elif name == "model.norm.weight":
+            w.add_tensor("output_norm.weight", a)
+        else:
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            w.add_tensor(f"blk.{i}.{_GGUF_NAMES[rest.removesuffix('.weight')]}.weight", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = LLM(str(tmp_path / "qwen3.gguf"), kv_cache_memory="16MiB", kv_cache_dtype="float32")
+    assert ours.engine.model_config.qk_norm and ours.engine.model_config.head_dim == 32
+    ids = torch.randint(3, VOCAB, (120,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    assert torch.allclose(ours.engine.prompt_logits(ids), want, atol=1e-4, rtol=1e-4)
