@@ -44,9 +44,9 @@ class NativeCPUBackend(TorchSDPABackend):
     def build_metadata(self, plan: StepPlan, spec):
         """One group: every row of the plan, a prompt chunk's as much as a decode's, as its own
         query over its request's blocks (see the module's docstring for why)."""
-        if spec.window:  # window layers attend through SDPA, masked (TorchSDPABackend)
-            return self._window_groups(plan, spec.window)
         if not self.per_row:
+            if spec.window:  # window layers attend through SDPA, masked (TorchSDPABackend)
+                return self._window_groups(plan, spec.window)
             return super().build_metadata(plan, spec)
         bs, spans = plan.block_size, plan.spans
         nblk = max(-(-(s.start + s.num_rows) // bs) for s in spans)
@@ -56,10 +56,14 @@ class NativeCPUBackend(TorchSDPABackend):
             table[i, : len(used)] = torch.tensor(used, dtype=torch.long)
         counts = torch.tensor([s.num_rows for s in spans], dtype=torch.long)
         table = table.repeat_interleave(counts, dim=0) if len(spans) < plan.num_rows else table
+        lens = plan.positions + 1
+        # A window layer's row reads its last `window` keys; the blocks before are not read
+        # (a window group gives them back: their entries are the null block).
+        begins = (lens - spec.window).clamp_(min=0) if spec.window else None
         return [
             AttentionGroup(
                 slice(0, plan.num_rows), plan.num_rows, 1, table, None, causal=False,
-                kv_len=nblk * bs, block_size=bs, seq_lens=plan.positions + 1,
+                kv_len=nblk * bs, block_size=bs, seq_lens=lens, seq_begins=begins,
             )
         ]  # fmt: skip
 
@@ -95,8 +99,9 @@ class NativeCPUBackend(TorchSDPABackend):
     def _paged(self, layer, g: AttentionGroup, qg: torch.Tensor, with_lse: bool = False):
         k_cache, v_cache = layer.kv_cache
         return kernels.paged_decode_attention(
-            qg, k_cache, v_cache, g.kv_indices, g.seq_lens, g.block_size, layer.scale, with_lse
-        )
+            qg, k_cache, v_cache, g.kv_indices, g.seq_lens, g.block_size, layer.scale, with_lse,
+            g.seq_begins,
+        )  # fmt: skip
 
     def _suffix(self, layer, g, qg):
         return self._paged(layer, g, qg, with_lse=True)

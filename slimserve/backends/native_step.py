@@ -167,7 +167,7 @@ class NativeDecodeStep:
         if len(groups) != 1:
             return False
         g = groups[0]
-        return g.seq_lens is not None and g.shared is None and g.q_len == 1
+        return g.seq_lens is not None and g.seq_begins is None and g.shared is None and g.q_len == 1
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, g

@@ -53,7 +53,8 @@ class AttentionGroup:
     only each sequence's suffix, and the mask is additive float (0 / -inf).
     seq_lens: (num_seqs,) int64 tokens each row attends to, for decode groups that the native
     paged kernel reads in place (backends/native_cpu.py); kv_indices is then always the
-    (num_seqs, num_blocks) table and no mask is built.
+    (num_seqs, num_blocks) table and no mask is built; with seq_begins, row i reads keys from
+    seq_begins[i] on (a sliding window).
     """
 
     rows: slice | torch.Tensor
@@ -67,6 +68,7 @@ class AttentionGroup:
     shared: torch.Tensor | slice | None = None
     shared_len: int = 0
     seq_lens: torch.Tensor | None = None
+    seq_begins: torch.Tensor | None = None  # (num_seqs,) each row's first key (a window's)
 
 
 def _common_prefix(tables: list[list[int]]) -> int:

@@ -61,7 +61,7 @@ KERNELS = (
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     fn = lib.paged_decode_attention
-    fn.argtypes = [p] * 7 + [i64] * 8 + [ctypes.c_float, i64]
+    fn.argtypes = [p] * 8 + [i64] * 8 + [ctypes.c_float, i64]
     fn.restype = ctypes.c_int
     fn = lib.write_kv
     fn.argtypes = [p, p, i64, i64, p, p, p] + [i64] * 6
@@ -237,18 +237,21 @@ def paged_decode_attention(
     block_size: int,
     scale: float,
     with_lse: bool = False,
+    begins: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode attention over one layer's paged cache, reading each block in place.
 
     q (B, Hkv, G, D) float32; k/v_cache (Hkv, slots, D) float32 or bfloat16, or (Hkv, slots,
     D + 4) int8 rows with their scale (layers/attention.py); tables (B, max_blocks) int64; lens
-    (B,) int64.
+    (B,) int64: row b attends to tokens [begins[b], lens[b]) (begins (B,) int64, default 0: a
+    sliding window's first token; table entries before it are not read).
     Returns out (B, Hkv, G, D) and, with `with_lse`, the log-sum-exp (B, Hkv, G) of each row."""
     lib = _load()
     if lib is None:
         raise RuntimeError("native kernels are unavailable; check available()")
     B, Hkv, G, D = q.shape
-    q = q.contiguous()
+    q, tables, lens = q.contiguous(), tables.contiguous(), lens.contiguous()
+    begins = begins.contiguous() if begins is not None else None
     out = torch.empty_like(q)
     lse = q.new_empty(B, Hkv, G) if with_lse else None
     rc = lib.paged_decode_attention(
@@ -257,6 +260,7 @@ def paged_decode_attention(
         v_cache.data_ptr(),
         tables.data_ptr(),
         lens.data_ptr(),
+        begins.data_ptr() if begins is not None else None,
         out.data_ptr(),
         lse.data_ptr() if lse is not None else None,
         B,

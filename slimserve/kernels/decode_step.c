@@ -59,8 +59,8 @@ static int64_t max_inputs(const DecodeLayer *l) {
 
 static PagedKV paged_kv(const DecodeModel *m, const DecodeLayer *l, const DecodeBatch *b,
                         float *partials) {
-    PagedKV kv = {l->k_cache, l->v_cache, m->slots,      m->kind,      m->block_size,
-                  b->tables,  b->lens,    b->max_blocks, partials};
+    PagedKV kv = {l->k_cache, l->v_cache, m->slots,      m->kind,  m->block_size,
+                  b->tables,  b->lens,    b->max_blocks, partials, NULL};
     return kv;
 }
 

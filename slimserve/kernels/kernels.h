@@ -75,13 +75,15 @@ void write_kv_part(const float *k, const float *v, int64_t k_stride, int64_t v_s
                    int64_t Hkv, int64_t D, int64_t slots, int64_t kind);
 
 /* One layer's paged cache, where a decode batch's tokens sit in it, and scratch for the partial
-   results of long sequences (paged_attention_scratch_floats of them; NULL when that is 0). */
+   results of long sequences (paged_attention_scratch_floats of them; NULL when that is 0).
+   Row b attends to tokens [begins[b], lens[b]) (begins NULL: from 0; a sliding window). */
 typedef struct {
     const char *k, *v;
     int64_t slots, kind, block_size;
     const int64_t *tables, *lens;
     int64_t max_blocks;
     float *partials;
+    const int64_t *begins;
 } PagedKV;
 
 /* Whether the decode attention's stack buffers hold G query heads per KV head of D. */

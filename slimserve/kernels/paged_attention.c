@@ -366,10 +366,19 @@ static inline int64_t parts_of(int64_t len) {
     return len > PARTITION ? (len + PARTITION - 1) / PARTITION : 1;
 }
 
+static inline int64_t begin_of(const PagedKV *kv, int64_t b) {
+    return kv->begins ? kv->begins[b] : 0;
+}
+
+/* Partitions of row b: over the tokens it reads, [begin, len). */
+static inline int64_t row_parts(const PagedKV *kv, int64_t b) {
+    return parts_of(kv->lens[b] - begin_of(kv, b));
+}
+
 int64_t paged_attention_scratch_floats(const PagedKV *kv, int64_t B, int64_t Hkv, int64_t G,
                                        int64_t D) {
     int64_t n = 0;
-    for (int64_t b = 0; b < B; b++) n += parts_of(kv->lens[b]) > 1 ? parts_of(kv->lens[b]) : 0;
+    for (int64_t b = 0; b < B; b++) n += row_parts(kv, b) > 1 ? row_parts(kv, b) : 0;
     return n * Hkv * G * (D + 1);
 }
 
@@ -399,10 +408,12 @@ static void merge_parts(const float *parts, int64_t np, int64_t Hkv, int64_t G, 
 #define TILE 8
 
 /* Whether row e continues row e - 1's tile: the next position of the same sequence (same table,
-   one more token) with the same partitions as the tile's first row b. */
+   one more token, the same first token) with the same partitions as the tile's first row b. */
 static int continues(const PagedKV *kv, int64_t b, int64_t e) {
     const int64_t len = kv->lens[e];
-    if (len != kv->lens[e - 1] + 1 || parts_of(len) != parts_of(kv->lens[b])) return 0;
+    if (len != kv->lens[e - 1] + 1 || begin_of(kv, e) != begin_of(kv, b) ||
+        row_parts(kv, e) != row_parts(kv, b))
+        return 0;
     const int64_t nblk = (len + kv->block_size - 1) / kv->block_size;
     return !memcmp(kv->tables + b * kv->max_blocks, kv->tables + e * kv->max_blocks,
                    (size_t)nblk * sizeof(int64_t));
@@ -416,7 +427,7 @@ void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_
     int64_t base[B + 1];
     base[0] = 0;
     for (int64_t b = 0; b < B; b++)
-        base[b + 1] = base[b] + (parts_of(kv->lens[b]) > 1 ? parts_of(kv->lens[b]) : 0);
+        base[b + 1] = base[b] + (row_parts(kv, b) > 1 ? row_parts(kv, b) : 0);
     /* tiles: rows tile[t] .. tile[t + 1] - 1; tile t's pieces are units first[t] .. first[t + 1] - 1
        (its partitions) */
     const int64_t max_rows = MAX_G / G < TILE ? MAX_G / G : TILE;
@@ -426,7 +437,7 @@ void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_
         int64_t e = b + 1;
         while (e < B && e - b < max_rows && continues(kv, b, e)) e++;
         tile[nt] = b;
-        first[nt + 1] = first[nt] + parts_of(kv->lens[b]);
+        first[nt + 1] = first[nt] + row_parts(kv, b);
         b = e;
     }
     tile[nt] = B;
@@ -435,7 +446,7 @@ void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_
         int64_t u = w / Hkv, h = w % Hkv, t = 0;
         while (first[t + 1] <= u) t++;
         const int64_t b0 = tile[t], R = tile[t + 1] - b0, part = u - first[t];
-        const int64_t np = first[t + 1] - first[t];
+        const int64_t np = first[t + 1] - first[t], begin = begin_of(kv, b0);
         int64_t ends[TILE];
         float *outs[TILE], *lses[TILE];
         for (int64_t r = 0; r < R; r++) {
@@ -443,7 +454,8 @@ void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_
             if (np > 1) {
                 outs[r] = kv->partials + ((base[b] + part) * Hkv + h) * slot;
                 lses[r] = outs[r] + G * D;
-                ends[r] = (part + 1) * PARTITION < len ? (part + 1) * PARTITION : len;
+                const int64_t stop = begin + (part + 1) * PARTITION;
+                ends[r] = stop < len ? stop : len;
             } else {
                 outs[r] = out + b * ldo + h * G * D;
                 lses[r] = lse ? lse + (b * Hkv + h) * G : NULL;
@@ -452,13 +464,13 @@ void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_
         }
         tile_heads(q + b0 * ldq + h * G * D, ldq, (int)R, kv->k + h * kv->slots * row_bytes,
                    kv->v + h * kv->slots * row_bytes, kv->tables + b0 * kv->max_blocks,
-                   part * PARTITION, ends, (int)kv->block_size, (int)G, (int)D, (int)kv->kind,
+                   begin + part * PARTITION, ends, (int)kv->block_size, (int)G, (int)D, (int)kv->kind,
                    scale, outs, lses);
     }
     if (base[B] == 0) return; /* no sequence was cut */
 #pragma omp for
     for (int64_t w = 0; w < B * Hkv; w++) {
-        int64_t b = w / Hkv, h = w % Hkv, np = parts_of(kv->lens[b]);
+        int64_t b = w / Hkv, h = w % Hkv, np = row_parts(kv, b);
         if (np > 1)
             merge_parts(kv->partials + (base[b] * Hkv + h) * slot, np, Hkv, G, D,
                         out + b * ldo + h * G * D, lse ? lse + w * G : NULL);
@@ -469,12 +481,13 @@ int paged_attention_supports(int64_t G, int64_t D) { return G <= MAX_G && D <= M
 
 /* Returns 0, or -1 when G or D exceed what the kernel's stack buffers hold (or no memory). */
 int paged_decode_attention(const float *q, const char *k_cache, const char *v_cache,
-                           const int64_t *tables, const int64_t *lens, float *out, float *lse,
-                           int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t slots,
-                           int64_t max_blocks, int64_t block_size, int64_t kind,
+                           const int64_t *tables, const int64_t *lens, const int64_t *begins,
+                           float *out, float *lse, int64_t B, int64_t Hkv, int64_t G, int64_t D,
+                           int64_t slots, int64_t max_blocks, int64_t block_size, int64_t kind,
                            float scale, int64_t num_threads) {
     if (!paged_attention_supports(G, D)) return -1;
-    PagedKV kv = {k_cache, v_cache, slots, kind, block_size, tables, lens, max_blocks, NULL};
+    PagedKV kv = {k_cache, v_cache, slots,      kind, block_size,
+                  tables,  lens,    max_blocks, NULL, begins};
     int64_t n = paged_attention_scratch_floats(&kv, B, Hkv, G, D);
     if (n && !(kv.partials = malloc(sizeof(float) * (size_t)n))) return -1;
 #pragma omp parallel num_threads(num_threads)

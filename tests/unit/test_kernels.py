@@ -13,13 +13,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _reference(q, k_cache, v_cache, tables, lens, block_size, scale):
+def _reference(q, k_cache, v_cache, tables, lens, block_size, scale, begins=None):
     """Gather each sequence's slots, decode int8 rows, run SDPA; also the log-sum-exp."""
     outs, lses = [], []
     for b in range(q.shape[0]):
         n = int(lens[b])
+        first = int(begins[b]) if begins is not None else 0
         blocks = tables[b].repeat_interleave(block_size)
-        slots = (blocks * block_size + torch.arange(block_size).repeat(tables.shape[1]))[:n]
+        slots = (blocks * block_size + torch.arange(block_size).repeat(tables.shape[1]))[first:n]
         k, v = k_cache[:, slots], v_cache[:, slots]
         if k_cache.dtype == torch.int8:
             k, v = _decode(k), _decode(v)
@@ -79,6 +80,44 @@ def test_rows_of_one_prompt_tiled_equal_each_row_alone(dtype, G, D, start, n):
         o1, l1 = kernels.paged_decode_attention(
             q[i : i + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], bs, 0.125, True
         )
+        assert torch.equal(o1[0], out[i]) and torch.equal(l1[0], lse[i]), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("G,D", [(4, 256), (2, 20)])
+def test_paged_attention_from_a_window_start(dtype, G, D):
+    """Rows attending to [begin, len) (sliding windows): against SDPA over those tokens, with the
+    table's entries before each window's first block pointing at NaN blocks (given back), and
+    consecutive rows of one sequence (a prompt chunk past the window) equal to each row alone."""
+    torch.manual_seed(2)
+    Hkv, bs, nblk = 1, 16, 48
+    k_cache = _encode(torch.randn(Hkv, (nblk + 1) * bs, D), dtype).contiguous()
+    v_cache = _encode(torch.randn(Hkv, (nblk + 1) * bs, D), dtype).contiguous()
+    if dtype != torch.int8:  # block 0, the null block: reading it would show
+        k_cache[:, :bs], v_cache[:, :bs] = float("nan"), float("nan")
+    window = 100
+    lens = torch.tensor([1, 90, 101, 150, 300, 600, 601, 602, 603])
+    begins = (lens - window).clamp(min=0)
+    tables = torch.stack([torch.randperm(nblk) + 1 for _ in lens])[:, :38]
+    for b in range(len(lens)):  # blocks wholly before the window: the null block
+        tables[b, : int(begins[b]) // bs] = 0
+    q = torch.randn(len(lens), Hkv, G, D)
+    out, lse = kernels.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, bs, D**-0.5, True, begins
+    )
+    ref_out, ref_lse = _reference(q, k_cache, v_cache, tables, lens, bs, D**-0.5, begins)
+    torch.testing.assert_close(out, ref_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)
+    # rows 5..8 are consecutive positions of one sequence: give them one table
+    tables[5:] = tables[5]
+    out, lse = kernels.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, bs, D**-0.5, True, begins
+    )
+    for i in range(5, 9):
+        o1, l1 = kernels.paged_decode_attention(
+            q[i : i + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], bs, D**-0.5,
+            True, begins[i : i + 1],
+        )  # fmt: skip
         assert torch.equal(o1[0], out[i]) and torch.equal(l1[0], lse[i]), i
 
 
