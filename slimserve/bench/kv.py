@@ -22,7 +22,7 @@ def run_kv(args) -> dict:
     llm = make_llm(args, progress=False)
     eng = llm.engine
     spec = eng.kv_spec
-    page = spec.block_size * spec.group_size * spec.row_pair_bytes
+    page = spec.page_bytes
     rng = random.Random(args.seed)
     vocab = eng.model_config.vocab_size
     rows = []

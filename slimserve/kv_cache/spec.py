@@ -96,14 +96,10 @@ class KVCacheSpec:
         """Tokens the cache holds when every group keeps every token (short contexts)."""
         return self.num_blocks // len(self.groups) * self.block_size
 
-    def bytes_held(self, num_tokens: int, chunk: int = 1) -> int:
-        """KV bytes one sequence of `num_tokens` holds at most (`chunk` new tokens a step)."""
-        return (
-            self.pages_held(num_tokens, chunk)
-            * self.block_size
-            * self.group_size
-            * (self.row_pair_bytes)
-        )
+    @property
+    def page_bytes(self) -> int:
+        """One block of one group: `block_size` tokens of each of its layers."""
+        return self.block_size * self.group_size * self.row_pair_bytes
 
     def pages_held(self, num_tokens: int, chunk: int = 1) -> int:
         """Pages one sequence of `num_tokens` holds at most while `chunk` tokens run a step: all

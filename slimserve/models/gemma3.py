@@ -17,12 +17,10 @@ from torch import nn
 
 from slimserve.config import ModelConfig
 from slimserve.layers.activation import GeluTanhAndMul
-from slimserve.layers.attention import Attention
 from slimserve.layers.embedding import LMHead, VocabEmbedding
-from slimserve.layers.linear import Linear
 from slimserve.layers.norm import RMSNorm
 from slimserve.layers.rotary import RotaryEmbedding
-from slimserve.models.llama import LlamaForCausalLM, qk_normed
+from slimserve.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from slimserve.models.weights import load_weights
 
 # llama.cpp writes neither of these for Gemma 3 and assumes them (llama-model.cpp): window layers
@@ -38,37 +36,17 @@ class OffsetRMSNorm(RMSNorm):
         self.weight.copy_(tensor + 1.0)
 
 
-class Gemma3Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, spec_window: bool):
-        super().__init__()
-        H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.sizes = [H * D, Hkv * D, Hkv * D]
-        self.qkv_proj = Linear(cfg.hidden_size, self.sizes, bias=cfg.attention_bias)
-        self.o_proj = Linear(H * D, [cfg.hidden_size])
-        self.q_norm = OffsetRMSNorm(D, cfg.rms_norm_eps)
-        self.k_norm = OffsetRMSNorm(D, cfg.rms_norm_eps)
-        self.rotary = rotary
-        self.window = spec_window
-        self.attn = Attention(H, Hkv, D)
-        self.attn.scale = (cfg.query_pre_attn_scalar or D) ** -0.5
+class Gemma3Attention(LlamaAttention):
+    """Llama's attention with Gemma's q/k norms and scale; a window layer rotates with the
+    local RoPE table."""
+
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, window: int):
+        super().__init__(cfg, rotary, OffsetRMSNorm)
+        self.window = window  # 1 for a window layer: the index of its table in `ropes`
+        self.attn.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
     def forward(self, ropes, x: torch.Tensor) -> torch.Tensor:
-        rope = ropes[self.window]
-        q, k, v = qk_normed(self, self.qkv_proj(x), x.shape[0])
-        q = self.rotary.rotate(rope, q)
-        k = self.rotary.rotate(rope, k)
-        return self.o_proj(self.attn(q, k, v))
-
-
-class Gemma3MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = Linear(cfg.intermediate_size, [cfg.hidden_size])
-        self.act = GeluTanhAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return super().forward(ropes[self.window], x)
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -79,7 +57,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(cfg, rotary, window)
         self.post_attention_layernorm = OffsetRMSNorm(cfg.hidden_size, eps)
         self.pre_feedforward_layernorm = OffsetRMSNorm(cfg.hidden_size, eps)
-        self.mlp = Gemma3MLP(cfg)
+        self.mlp = LlamaMLP(cfg, GeluTanhAndMul)
         self.post_feedforward_layernorm = OffsetRMSNorm(cfg.hidden_size, eps)
 
     def forward(self, ropes, x, residual):
@@ -162,7 +140,10 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         types = c.get("layer_types")
         if types is None:
             pattern = c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6
-            types = ["full_attention" if (i + 1) % pattern == 0 else "sliding" for i in range(n)]
+            types = [
+                "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                for i in range(n)
+            ]
         params = c.get("rope_parameters") or {}
         full = params.get("full_attention", {})
         local = params.get("sliding_attention", {})

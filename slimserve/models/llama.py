@@ -25,15 +25,16 @@ def qk_normed(attn: nn.Module, qkv: torch.Tensor, T: int):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, norm=RMSNorm):
+        """norm: the class of the q/k norms, when the config has them."""
         super().__init__()
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.sizes = [H * D, Hkv * D, Hkv * D]
         self.qkv_proj = Linear(cfg.hidden_size, self.sizes, bias=cfg.attention_bias)
         self.o_proj = Linear(H * D, [cfg.hidden_size])
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.q_norm = norm(D, cfg.rms_norm_eps)
+            self.k_norm = norm(D, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.rotary = rotary
         self.attn = Attention(H, Hkv, D)
@@ -53,11 +54,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, act: type[nn.Module] = SiluAndMul):
+        """act: the gated activation over the packed (gate, up) output."""
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2)
         self.down_proj = Linear(cfg.intermediate_size, [cfg.hidden_size])
-        self.act = SiluAndMul()
+        self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
