@@ -189,7 +189,11 @@ def stream_to_stdout(llm, prompt, params) -> str:
 def cmd_generate(args) -> int:
     params = sampling_params(args)  # validate before the model loads
     llm = make_llm(args)
-    if args.raw:
+    if args.raw or not llm.tokenizer.chat_template:  # a base model (no template): as is
+        if not args.raw:
+            print(
+                "[slimserve] the model has no chat template: the prompt goes as is", file=sys.stderr
+            )
         prompt = args.prompt
     else:
         messages = [{"role": "system", "content": args.system}] if args.system else []

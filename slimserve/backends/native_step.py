@@ -129,7 +129,8 @@ class NativeDecodeStep:
             kernels.row_kind(cache.dtype),
             block_size,
         )
-        self._keep += [rotary.cos, rotary.sin, final_norm.weight]
+        self._keep += [final_norm.weight]
+        self.rotary, self._tables = rotary, (rotary.cos, rotary.sin)  # kept alive: in the struct
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self.steps = 0  # steps run natively, for tests and logs
 
@@ -172,6 +173,10 @@ class NativeDecodeStep:
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, g
     ) -> torch.Tensor:
+        self.rotary.cover(positions)
+        if self.rotary.cos is not self._tables[0]:  # the tables grew: point the struct at them
+            self._tables = (self.rotary.cos, self.rotary.sin)
+            self.model.cos, self.model.sin = (t.data_ptr() for t in self._tables)
         x = self.embed(input_ids).contiguous()
         M = x.shape[0]
         tables = g.kv_indices

@@ -23,7 +23,13 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """The cos/sin tables cover the first INITIAL_POSITIONS positions and double as a step
+    reaches past them (`cover`), up to max_position: a 32k-context model with 256-wide heads
+    would otherwise hold 67 MB of tables per RoPE base from the start. A position's row is the
+    same bits whatever the table's length."""
+
     NATIVE = ("rope",)
+    INITIAL_POSITIONS = 4096
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None):
         super().__init__()
@@ -43,10 +49,28 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / factors
         elif kind is not None:
             raise NotImplementedError(f"rope scaling {kind!r}")
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.max_position = max_position
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._build(min(max_position, self.INITIAL_POSITIONS))
+
+    def _build(self, n: int) -> None:
+        freqs = torch.outer(
+            torch.arange(n, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq
+        )
+        emb = torch.cat((freqs, freqs), dim=-1)  # (n, D)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def cover(self, positions: torch.Tensor) -> None:
+        """Grow the tables (doubling, at most to max_position) to hold every row of
+        `positions`; a position past max_position is left to fail where it is read."""
+        if not positions.numel():
+            return
+        top = int(positions.max())
+        n = self.cos.shape[0]
+        if n <= top < self.max_position:
+            self._build(min(self.max_position, max(top + 1, 2 * n)))
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +80,7 @@ class RotaryEmbedding(nn.Module):
     def table(self, positions: torch.Tensor):
         """(cos, sin, positions) for the step: cos and sin (T, 1, D) rows of the tables, or None
         where the native kernel rotates from the tables themselves."""
+        self.cover(positions)
         if self._native(self.cos):
             return None, None, positions
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1), positions

@@ -80,3 +80,27 @@ def test_native_step_with_qkv_bias_and_a_non_default_shape(tmp_path, llm):
 def test_float_weights_keep_the_modules(llm):
     """The session's reference engine has float32 weights: the native step does not take it."""
     assert llm.engine.runner.native_step is None
+
+
+def test_rope_tables_grow_under_the_native_step(gguf_path):
+    """RoPE tables start short and double when a step reaches past them; the native step's
+    struct then points at the new tables. Shrunk to 64 positions, a request decoding from 100
+    to 160 grows them twice (in the prefill's modules, then in native steps) and gives the same
+    tokens as with the tables at their first size."""
+    from slimserve.layers.rotary import RotaryEmbedding
+
+    llm = LLM(gguf_path, kv_cache_memory="32MiB")
+    assert llm.engine.runner.native_step is not None
+    (rotary,) = [m for m in llm.engine.model.modules() if isinstance(m, RotaryEmbedding)]
+    ids = llm.tokenizer.encode(LONG_TEXT * 3)[:100]
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    want = llm.generate([ids], params)[0].outputs[0].token_ids
+    full = rotary.cos[:160].clone()
+    step = llm.engine.runner.native_step
+    rotary._build(64)  # as if the model and its native step were built with 64 positions
+    step._tables = (rotary.cos, rotary.sin)
+    step.model.cos, step.model.sin = rotary.cos.data_ptr(), rotary.sin.data_ptr()
+    steps = step.steps
+    assert llm.generate([ids], params)[0].outputs[0].token_ids == want
+    assert llm.engine.runner.native_step.steps > steps and rotary.cos.shape[0] == 256
+    assert torch.equal(rotary.cos[:160], full)

@@ -237,3 +237,15 @@ def test_llama_style_sentencepiece_matches_transformers(gemma_path, tmp_path):
         ids = ref.encode(text).ids
         assert ours.encode(text, add_special_tokens=False) == ids, text
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+
+
+def test_cli_generates_from_the_packaged_name_without_a_chat_template():
+    """`--model gemma3-270m` finds the extra's file; a base model without a chat template gets
+    the prompt as is (said on stderr), as llama.cpp completes one."""
+    from .test_cli import slimserve
+
+    r = slimserve("generate", "The capital of France is", "--model", "gemma3-270m",
+                  "--max-tokens", "8", "--temperature", "0")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "no chat template" in r.stderr and "gemma-3-270m" in r.stderr
+    assert len(r.stdout.strip()) > 10
