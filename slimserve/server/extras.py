@@ -88,6 +88,11 @@ async def props(request: Request):
             "num_blocks": spec.num_blocks,
             "capacity_tokens": e.capacity_tokens,
             "prefix_caching": cfg.cache.enable_prefix_caching,
+            # per KV group: its layers and window (0: full attention)
+            "groups": [
+                {"layers": list(g), "window": s.window}
+                for g, s in zip(spec.groups, spec.group_specs)
+            ],
         },
         "engine": {
             "max_num_seqs": cfg.scheduler.max_num_seqs,

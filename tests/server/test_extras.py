@@ -29,6 +29,7 @@ def test_tokenize_detokenize_props(http, llm, client):
     props = http.get("/props").json()
     assert props["model"] == MODEL and props["architecture"] == "llama"
     assert props["max_model_len"] == llm.engine.max_model_len
+    assert props["kv_cache"]["groups"] == [{"layers": list(range(30)), "window": 0}]
     assert props["kv_cache"]["capacity_tokens"] > 0 and props["quantization"]
     assert props["engine"]["max_num_batched_tokens"] > 0
     assert httpx.get(http.base_url.join("/props")).status_code == 401  # behind the key
