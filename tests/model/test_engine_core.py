@@ -118,7 +118,7 @@ def block_bytes(llm) -> int:
 
 
 def test_preemption_under_a_tiny_kv_budget_keeps_outputs(gguf_path, llm):
-    # 32 blocks of 16 tokens; 4 requests of ~250 tokens each need ~68 blocks together.
+    # 32 blocks of 16 tokens; 3 requests of ~264 tokens each need ~51 blocks together.
     small = LLM(
         gguf_path,
         quantization="none",
@@ -127,8 +127,8 @@ def test_preemption_under_a_tiny_kv_budget_keeps_outputs(gguf_path, llm):
         enable_prefix_caching=False,
     )
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(100, 40000, (200,), generator=g).tolist() for _ in range(4)]
-    params = [greedy(64, ignore_eos=True)] * 4  # 2 admitted prompts outgrow 32 blocks
+    prompts = [torch.randint(100, 40000, (200,), generator=g).tolist() for _ in range(3)]
+    params = [greedy(64, ignore_eos=True)] * 3  # 2 admitted prompts outgrow 32 blocks
     outs = small.generate(prompts, params)
     assert small.engine.stats().preemptions > 0
     assert all(o.finished and len(o.outputs[0].token_ids) == 64 for o in outs)
@@ -271,8 +271,8 @@ def test_bf16_kv_cache_gives_one_answer_whole_chunked_or_preempted(gguf_path):
         enable_prefix_caching=False,
     )
     g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(100, 40000, (200,), generator=g).tolist() for _ in range(4)]
-    params = [greedy(48, ignore_eos=True)] * 4
+    prompts = [torch.randint(100, 40000, (200,), generator=g).tolist() for _ in range(3)]
+    params = [greedy(48, ignore_eos=True)] * 3  # 3 x 248 tokens in 30 blocks of 16: preempted
     outs = squeezed.generate(prompts, params)
     assert squeezed.engine.stats().preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == [
