@@ -251,3 +251,23 @@ def test_cli_generates_from_the_packaged_name_without_a_chat_template(capsys):
     assert rc == 0, err
     assert "no chat template" in err and "gemma-3-270m" in err
     assert len(out.strip()) > 10
+
+
+def test_bench_kv_reports_the_window_saving(tmp_path, capsys):
+    """`slimserve bench kv`: at 1,200 tokens of context the window groups hold their window
+    and a 128-token chunk (at most 41 of 75 pages), the global group all 75; at 300 every group
+    holds every token."""
+    import json
+
+    from slimserve.cli import main
+
+    out = tmp_path / "kv.json"
+    rc = main(["bench", "kv", "--model", "gemma3-270m", "--lengths", "300", "1200",
+               "--kv-cache-memory", "64MiB", "--max-num-batched-tokens", "128",
+               "--output", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    rows = {r["context"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows[300]["ratio_to_full"] == pytest.approx(1.0, abs=0.06)  # its last block's slack
+    # at most KVCacheSpec.pages_held's bound: 75 global pages, (512 + 128 - 2) // 16 + 2 = 41
+    # in each window group; at least the window's 32 each
+    assert (75 + 5 * 32) / 450 <= rows[1200]["ratio_to_full"] <= (75 + 5 * 41) / 450
