@@ -180,14 +180,19 @@ class KVCacheManager:
         return True
 
     def _release_outside_windows(self, tables: list[list[Block | None]], num_computed: int):
+        """Window groups give back their blocks before `first_needed`. What a table no longer
+        holds is always a prefix of it, so the scan walks back from there only over blocks
+        released now (per step, not per block of the context)."""
         for g, table in enumerate(tables):
             if not self.windows[g]:
                 continue
-            for i in range(min(self.first_needed(g, num_computed), len(table))):
-                b = table[i]
-                if b is not None:
-                    table[i] = None
-                    self.pool.free([b])
+            stop = min(self.first_needed(g, num_computed), len(table))
+            start = stop
+            while start and table[start - 1] is not None:
+                start -= 1
+            released = table[start:stop]
+            table[start:stop] = [None] * (stop - start)
+            self.pool.free(released)  # oldest first into the LRU list
 
     def cache_full_blocks(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
         """Publish the request's blocks that are full of computed tokens to the prefix cache."""
