@@ -37,15 +37,35 @@ class ModelConfig:
     rope_local_theta: float | None = None  # the RoPE base of window layers, when it differs
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (else head_dim)
     final_logit_softcapping: float | None = None
+    # Mixture of experts (layers/moe.py); num_experts 0: every layer has a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalize the chosen experts' weights to sum to 1
+    router_order: str = "softmax_topk"  # or "topk_softmax": the softmax over the chosen logits
+    shared_expert_intermediate_size: int = 0  # an always-on expert beside the routed ones
+    moe_layers: tuple[bool, ...] | None = None  # per layer, whether it is sparse; None: all
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
         if self.window_layers is not None and len(self.window_layers) != self.num_layers:
             raise ValueError("window_layers must name every layer")
+        if self.moe_layers is not None and len(self.moe_layers) != self.num_layers:
+            raise ValueError("moe_layers must name every layer")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be in [1, {self.num_experts}], "
+                f"got {self.num_experts_per_tok}"
+            )
+        if self.router_order not in ("softmax_topk", "topk_softmax"):
+            raise ValueError(f"unknown router order {self.router_order!r}")
 
     def is_window_layer(self, i: int) -> bool:
         return bool(self.sliding_window and self.window_layers and self.window_layers[i])
+
+    def is_moe_layer(self, i: int) -> bool:
+        return bool(self.num_experts and (self.moe_layers is None or self.moe_layers[i]))
 
 
 KV_CACHE_DTYPES = ("float32", "bfloat16", "int8")

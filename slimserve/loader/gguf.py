@@ -88,7 +88,7 @@ class GGUFSource(ModelSource):
             architecture=a,
             vocab_size=int(vocab),
             hidden_size=int(hidden),
-            intermediate_size=int(self.meta(f"{a}.feed_forward_length")),
+            intermediate_size=int(self.meta(f"{a}.feed_forward_length", 0) or 0),
             num_layers=int(self.meta(f"{a}.block_count")),
             num_heads=int(heads),
             num_kv_heads=int(self.meta(f"{a}.attention.head_count_kv", heads)),
@@ -101,9 +101,11 @@ class GGUFSource(ModelSource):
             rope_scaling=self._rope_scaling(head_dim),
         )
         try:
-            return ModelConfig(**self.model_class.gguf_config(self.meta, found))
+            cfg = ModelConfig(**self.model_class.gguf_config(self.meta, found))
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{self.path}: inconsistent {a} metadata: {e}") from e
+        self.model_class = get_model_class(cfg.architecture)  # Mixtral is a `llama` file
+        return cfg
 
     def _rope_scaling(self, head_dim: int) -> tuple | None:
         """RoPE scaling as ModelConfig keeps it: llama.cpp's per-frequency factors (the file's
@@ -149,6 +151,9 @@ class GGUFSource(ModelSource):
             heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
             raw = self.file.read(t)
             shape = t.shape[::-1]  # numpy order: rows first
+            if "{e}" in hf_name:  # experts stacked along the outer dimension
+                yield from self._experts(t, hf_name, raw, keep)
+                continue
             if t.type_name in keep:
                 # Raw blocks, one row of blocks per output feature.
                 rows, cols = int(t.shape[1]), int(t.shape[0])
@@ -164,6 +169,30 @@ class GGUFSource(ModelSource):
             if kind in permuted:
                 w = _unpermute_rows(w, heads)
             yield hf_name, torch.from_numpy(np.ascontiguousarray(w))
+
+    def _experts(self, t, hf_name: str, raw: np.ndarray, keep: frozenset[str]):
+        """One (HF name, tensor) per expert of a stacked (E, rows, cols) tensor."""
+        E = self.config.num_experts
+        if len(t.shape) != 3 or int(t.shape[2]) != E:
+            raise ModelLoadError(
+                f"{self.path}: expert tensor {t.name} has shape {tuple(t.shape[::-1])}, "
+                f"expected ({E}, rows, cols) for {E} experts"
+            )
+        rows, cols = int(t.shape[1]), int(t.shape[0])
+        if t.type_name in keep:
+            blocks = raw.reshape(E, rows, -1)
+            for e in range(E):
+                b = torch.from_numpy(np.ascontiguousarray(blocks[e]))
+                yield hf_name.replace("{e}", str(e)), QuantizedTensor(t.type_name, (rows, cols), b)
+            return
+        w = _float_array(raw, t.type_name)
+        if w is None:
+            w = self._dequantize(t, raw)
+        w = w.reshape(E, rows, cols)
+        for e in range(E):
+            name = hf_name.replace("{e}", str(e))
+            w_e = self.model_class.gguf_tensor(name, w[e])
+            yield name, torch.from_numpy(np.ascontiguousarray(w_e))
 
     def _dequantize(self, t, raw: np.ndarray) -> np.ndarray:
         from gguf import GGMLQuantizationType

@@ -6,6 +6,10 @@ _LLAMA = ("slimserve.models.llama", "LlamaForCausalLM")
 
 _GEMMA3 = ("slimserve.models.gemma3", "Gemma3ForCausalLM")
 
+_QWEN_MOE = ("slimserve.models.qwen_moe", "Qwen2MoeForCausalLM")
+
+_MIXTRAL = ("slimserve.models.mixtral", "MixtralForCausalLM")
+
 _REGISTRY = {
     "llama": _LLAMA,
     "qwen2": _LLAMA,
@@ -16,6 +20,12 @@ _REGISTRY = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
+    "qwen2moe": _QWEN_MOE,
+    "qwen3moe": _QWEN_MOE,
+    "mixtral": _MIXTRAL,  # a GGUF `llama` file with experts (see LlamaForCausalLM.gguf_config)
+    "Qwen2MoeForCausalLM": _QWEN_MOE,
+    "Qwen3MoeForCausalLM": _QWEN_MOE,
+    "MixtralForCausalLM": _MIXTRAL,
 }
 
 

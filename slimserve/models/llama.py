@@ -66,12 +66,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, mlp: nn.Module | None = None):
+        """mlp: the feed-forward block (a mixture of experts); None: the dense SwiGLU MLP."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = mlp if mlp is not None else LlamaMLP(cfg)
 
     def forward(self, rope, x, residual):
         x, residual = self.input_layernorm(x, residual)
@@ -81,14 +82,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tied_head: LMHead | None):
+    def __init__(self, cfg: ModelConfig, tied_head: LMHead | None, mlp=None):
+        """mlp(i): layer i's feed-forward block, or None for the dense MLP."""
         super().__init__()
         scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
         self.rotary = rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position, cfg.rope_theta, scaling
         )
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tied_head)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, rotary, mlp(i) if mlp else None) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -131,6 +135,10 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def gguf_config(meta, found: dict) -> dict:
         """ModelConfig fields from GGUF metadata (`meta(key, default)`), given the common ones."""
+        if found["architecture"] == "llama" and meta("llama.expert_count"):
+            from slimserve.models.mixtral import MixtralForCausalLM  # llama.cpp's Mixtral
+
+            return MixtralForCausalLM.gguf_config(meta, found)
         return dict(found, qk_norm=found["architecture"] == "qwen3")
 
     @staticmethod

@@ -34,6 +34,12 @@ def make_hf_dir(tmp_path, llm, arch: str, **overrides):
         cfg, cls = transformers.Qwen3Config(**common), transformers.Qwen3ForCausalLM
     elif arch == "gemma3":
         cfg, cls = transformers.Gemma3TextConfig(**common), transformers.Gemma3ForCausalLM
+    elif arch == "qwen2moe":
+        cfg, cls = transformers.Qwen2MoeConfig(**common), transformers.Qwen2MoeForCausalLM
+    elif arch == "qwen3moe":
+        cfg, cls = transformers.Qwen3MoeConfig(**common), transformers.Qwen3MoeForCausalLM
+    elif arch == "mixtral":
+        cfg, cls = transformers.MixtralConfig(**common), transformers.MixtralForCausalLM
     else:
         cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
     torch.manual_seed(0)
