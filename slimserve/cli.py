@@ -32,6 +32,8 @@ ENGINE_FLAGS = {  # CLI dest -> flat engine setting (slimserve/config.py, FLAT_F
     "num_speculative_tokens": "num_speculative_tokens",
     "speculative_model": "speculative_model",
     "speculative_adaptive": "speculative_adaptive",
+    "expert_cache_memory": "expert_cache_memory",
+    "expert_prefetch": "expert_prefetch",
 }
 
 
@@ -92,6 +94,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--speculative-adaptive",
         action=argparse.BooleanOptionalAction,
         help="verify only drafts the step-cost model says pay (default on)",
+    )
+    g.add_argument(
+        "--expert-cache-memory",
+        help="MoE models: keep the experts on disk and cache the hot ones in this much RAM, "
+        "e.g. 512MiB (default: every expert resident)",
+    )
+    g.add_argument(
+        "--expert-prefetch",
+        action=argparse.BooleanOptionalAction,
+        help="with --expert-cache-memory: read the next layer's likely experts ahead (default on)",
     )
 
 

@@ -213,8 +213,15 @@ class EngineConfig:
     # "auto": the native CPU kernels where they are built and take the model (slimserve/kernels);
     # "none": PyTorch ops only. Settled once, when the engine is built.
     kernels: str = "auto"
+    # Mixture-of-experts models: keep the experts on disk with a RAM cache of this many bytes
+    # (loader/experts.py); None: every expert resident. `expert_prefetch` reads the next
+    # layer's predicted experts ahead.
+    expert_cache_memory: int | None = None
+    expert_prefetch: bool = True
 
     def __post_init__(self):
+        if self.expert_cache_memory is not None and self.expert_cache_memory <= 0:
+            raise InvalidRequest("expert cache memory must be positive", param="expert_cache_memory")
         if self.kernels not in KERNEL_CHOICES:
             raise InvalidRequest(
                 f"unknown kernels setting {self.kernels!r}; supported: auto, none",
@@ -245,6 +252,8 @@ FLAT_FIELDS = {
     "quantization": (None, "quantization"),
     "quant_group_size": (None, "quant_group_size"),
     "kernels": (None, "kernels"),
+    "expert_cache_memory": (None, "expert_cache_memory"),
+    "expert_prefetch": (None, "expert_prefetch"),
 }
 _SECTIONS = {
     "cache": CacheConfig,
@@ -270,7 +279,8 @@ def engine_config(model: str | None = None, **flat) -> EngineConfig:
     parts: dict = {section: {} for section in _SECTIONS}
     for key, value in flat.items():
         section, name = FLAT_FIELDS[key]
-        parts[section][name] = parse_bytes(value) if key == "kv_cache_memory" else value
+        sized = key in ("kv_cache_memory", "expert_cache_memory") and value is not None
+        parts[section][name] = parse_bytes(value) if sized else value
     return EngineConfig(
         model=model,
         cache=CacheConfig(**parts["cache"]),

@@ -94,8 +94,9 @@ class Engine:
         self.tokenizer = self.source.tokenizer()
         native = config.kernels == "auto" and kernels.available()
         self.model = load_model(
-            self.source, config.quantization, config.quant_group_size, progress, native
-        )
+            self.source, config.quantization, config.quant_group_size, progress, native,
+            config.expert_cache_memory, config.expert_prefetch,
+        )  # fmt: skip
         cache = config.cache
         self.kv_spec = kv_cache_spec(self.model_config, cache)
         salt = kv_salt(

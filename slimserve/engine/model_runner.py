@@ -67,6 +67,9 @@ class ModelRunner:
         Called once at build; tests and A/B benchmarks call it again after `kernels.set_enabled`
         to rebuild on the other paths."""
         kernels.select(self.model, native)
+        store = getattr(self.model, "expert_store", None)
+        if store is not None:  # experts on disk: their slot modules follow the same choice
+            store.set_native(native)
         self.backend = make_backend(self.config, native)
         for attn in self.layers:
             attn.backend = self.backend

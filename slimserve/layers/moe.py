@@ -105,10 +105,6 @@ class SparseMoE(nn.Module):
         T = x.shape[0]
         weights, ids = route(self.gate(x), self.top_k, self.norm, self.order)
         store = self.store
-        if store is not None and self._next:
-            nxt = self._next[0]
-            ahead = route(nxt.gate(x), nxt.top_k, nxt.norm, nxt.order)[1]
-            store.prefetch(nxt.layer, ahead.flatten().unique().tolist())
         flat = ids.flatten()
         order = flat.argsort(stable=True)  # the (token, slot) pairs grouped by expert
         counts = torch.bincount(flat, minlength=len(self.gate.weight)).tolist()
@@ -116,7 +112,13 @@ class SparseMoE(nn.Module):
         scale = weights.flatten()[order].unsqueeze(1).to(x.dtype)
         out = torch.zeros_like(x)
         active = [e for e, n in enumerate(counts) if n]
-        modules = store.fetch(self.layer, active) if store is not None else None
+        modules = None
+        if store is not None:
+            modules = store.fetch(self.layer, active)  # this layer's reads first, then ahead
+            if self._next:
+                nxt = self._next[0]
+                ahead = route(nxt.gate(x), nxt.top_k, nxt.norm, nxt.order)[1]
+                store.prefetch(nxt.layer, ahead.flatten().unique().tolist())
         start = 0
         for j, e in enumerate(active):
             end = start + counts[e]

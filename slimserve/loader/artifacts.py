@@ -178,6 +178,35 @@ def _release_heap() -> None:
         pass
 
 
+def experts_path(key: str) -> Path | None:
+    """Where an MoE model's experts file for `key` goes (loader/experts.py); None: cache off.
+    The file is checked by size only: a CRC would read gigabytes at every start."""
+    folder = directory()
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"experts-{key}.bin"
+
+
+def note_experts_file(path, size: int) -> None:
+    """After an experts file is written: its expected size beside it, and old ones pruned."""
+    path = Path(path)
+    if path.parent == directory():
+        _sidecar(path).write_text(json.dumps({"size": size}))
+        _prune(path.parent, ".bin")
+
+
+def require_experts_file(key: str, path) -> None:
+    """A packed model whose experts file is missing or cut short is rebuilt with it."""
+    try:
+        ok = Path(path).stat().st_size == json.loads(_sidecar(Path(path)).read_text())["size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        _discard(Path(path))
+        _discard(directory() / f"model-{key}.pt")
+
+
 def cached_json(key: str, build: Callable[[], dict]) -> dict:
     """A JSON-able artifact (the tokenizer) for `key`, read from the cache or built."""
     folder = directory()

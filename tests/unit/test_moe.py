@@ -196,3 +196,58 @@ def test_q8_0_experts_stay_compressed_and_batch_invariant(tmp_path, llm, gguf_pa
     batched = [o.outputs[0].token_ids for o in ours.generate(prompts, sp)]
     alone = [ours.generate([p], sp)[0].outputs[0].token_ids for p in prompts]
     assert batched == alone
+
+
+def test_experts_on_disk_under_a_cap_compute_what_resident_experts_do(tmp_path, llm, gguf_path):
+    """Q8_0 experts written to the experts file and read back into a cache of two layers'
+    experts (every pass misses and evicts), with and without read-ahead: logits bit-identical
+    to the resident model, a warm second load maps the cached dense part and reuses the file."""
+    import gguf
+
+    arch, overrides = CASES["qwen3moe"]
+    ref = make_hf_dir(tmp_path, llm, arch, **dict(overrides, tie_word_embeddings=False))
+    path = tmp_path / "moe-q8.gguf"
+    write_moe_gguf(path, tmp_path, ref, "qwen3moe", gguf_path, gguf.GGMLQuantizationType.Q8_0)
+    ids = _ids(90, 6)
+    kw = dict(kv_cache_memory="16MiB", max_num_batched_tokens=32)
+    resident = LLM(str(path), **kw)
+    want = resident.engine.prompt_logits(ids)
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    want_text = resident.generate([ids[:30]], sp)[0].outputs[0].token_ids
+    # One expert's record: gate_up and down packed (int8 as two 4-bit halves) with bf16 scales.
+    record = 128 * 64 + 4 * 128 * 2 * 2 + 64 * 64 + 4 * 64 * 2 * 2
+    for prefetch in (False, True):
+        ours = LLM(str(path), expert_cache_memory=6 * record, expert_prefetch=prefetch, **kw)
+        store = ours.engine.model.expert_store
+        assert not any(len(m.experts) for m in ours.engine.model.modules()
+                       if hasattr(m, "expert_layout"))  # fmt: skip
+        assert store.slot_bytes == record and store.num_slots == 6
+        assert torch.equal(ours.engine.prompt_logits(ids), want)
+        assert ours.generate([ids[:30]], sp)[0].outputs[0].token_ids == want_text
+        s = store.summary()
+        assert s["misses"] > 0 and s["bytes_read"] >= s["misses"] * record
+        assert (s["prefetch_reads"] > 0) == prefetch
+    assert ours.engine.model.from_cache  # the second load mapped the first one's dense part
+
+
+def test_expert_cache_bad_settings_and_a_truncated_experts_file(tmp_path, llm, gguf_path):
+    from slimserve.errors import InvalidRequest, ModelLoadError
+    from slimserve.loader import experts
+
+    arch, overrides = CASES["mixtral"]
+    make_hf_dir(tmp_path, llm, arch, **overrides)
+    with pytest.raises(InvalidRequest, match=r"needs at least 4 .*two layers' 2 experts"):
+        LLM(str(tmp_path), kv_cache_memory="16MiB", expert_cache_memory="1KiB")
+    with pytest.raises(InvalidRequest, match="applies to mixture-of-experts models"):
+        LLM(gguf_path, kv_cache_memory="16MiB", expert_cache_memory="64MiB")
+    ours = LLM(str(tmp_path), kv_cache_memory="16MiB", expert_cache_memory="1MiB")
+    store = ours.engine.model.expert_store
+    with pytest.raises(ModelLoadError, match="truncated"):
+        os_truncate(store.path, 100)
+        experts.ExpertStore(store.path, experts.moe_layers(ours.engine.model), 1 << 20)
+
+
+def os_truncate(path, size):
+    import os
+
+    os.truncate(path, size)

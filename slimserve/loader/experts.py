@@ -1,0 +1,403 @@
+"""Experts kept on disk under a memory cap (`--expert-cache-memory`).
+
+An MoE model's experts are most of its bytes and few of them run for a token, so they need not
+all be in RAM. At load, each expert's packed tensors (exactly what its kernels read) are written
+once, record after record, to an experts file beside the packed model, and the model keeps only
+its dense part plus, per sparse layer, a template of an expert's module tree on the meta device.
+
+At run time an `ExpertStore` holds a fixed pool of slots (the cap divided by the largest record)
+and a map (layer, expert) -> slot, evicting the least recently used unpinned slot on a miss. A
+slot's module is the template with its tensors pointed at views of the slot, built once per
+(slot, format) and kept, so a miss costs one `preadv` into the slot and nothing else. Reads run on
+a reader thread (the syscall releases the GIL): a layer's misses are queued in the order it
+computes them, so reading expert j+1 overlaps computing expert j, and the layer before queues
+the experts the next layer's router picks on its own input (ExpertFlow's observation that the
+residual stream changes little between layers), so they are often read before they are needed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimserve.errors import InvalidRequest, ModelLoadError
+
+logger = logging.getLogger("slimserve")
+
+ALIGN = 64  # every tensor of a record starts on a cache line (and the kernels' alignment)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A module tree's parameters and buffers, in a fixed order."""
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a sparse layer's experts sit in the experts file: record e of the layer starts at
+    `offset + e * record`; `fields` is (name, dtype, shape, offset in the record) per tensor."""
+
+    offset: int
+    record: int
+    num_experts: int
+    fields: tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]
+
+
+def _layout_of(expert: nn.Module, offset: int, num_experts: int) -> Layout:
+    fields, at = [], 0
+    for name, t in _tensors(expert):
+        fields.append((name, t.dtype, tuple(t.shape), at))
+        at += _align(t.numel() * t.element_size())
+    return Layout(offset, _align(at), num_experts, tuple(fields))
+
+
+def _meta_template(expert: nn.Module) -> nn.Module:
+    """The expert's module tree with every tensor on the meta device (shapes, no bytes)."""
+    memo = {}
+    for _, t in _tensors(expert):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(expert, memo)
+
+
+def moe_layers(model: nn.Module) -> list:
+    from slimserve.layers.moe import SparseMoE
+
+    return [m for m in model.modules() if isinstance(m, SparseMoE)]
+
+
+def strip_experts(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write every sparse layer's experts to `path` and drop them from the model, leaving each
+    layer its `Layout` and meta template (which the packed model's pickle keeps)."""
+    layers = moe_layers(model)
+    if not layers:
+        raise InvalidRequest("--expert-cache-memory applies to mixture-of-experts models only")
+    offset = 0
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            for moe in layers:
+                experts = list(moe.experts)
+                layout = _layout_of(experts[0], offset, len(experts))
+                want = [(n, d, s) for n, d, s, _ in layout.fields]
+                for e, expert in enumerate(experts):
+                    got = [(n, t.dtype, tuple(t.shape)) for n, t in _tensors(expert)]
+                    if got != want:  # one stacked tensor per layer: every expert packs alike
+                        raise ModelLoadError(
+                            f"layer {moe.layer} expert {e} is packed unlike expert 0 ({got} vs "
+                            f"{want}); its experts cannot share one record layout"
+                        )
+                    for (_, t), (*_, at) in zip(_tensors(expert), layout.fields):
+                        data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
+                        f.write(data)
+                        f.write(bytes(_align(data.nbytes) - data.nbytes))
+                    f.write(bytes(layout.record - sum(_align(t.numel() * t.element_size())
+                                                      for _, t in _tensors(expert))))
+                moe.expert_layout = layout
+                moe._template = [_meta_template(experts[0])]
+                moe.experts = nn.ModuleList()
+                offset += layout.record * len(experts)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def experts_file_size(model: nn.Module) -> int:
+    return sum(m.expert_layout.record * m.expert_layout.num_experts for m in moe_layers(model))
+
+
+def temporary_experts_path() -> str:
+    """Where the experts go when the artifact cache is off: a file removed at exit."""
+    fd, path = tempfile.mkstemp(prefix="slimserve-experts-", suffix=".bin")
+    os.close(fd)
+    atexit.register(lambda: os.path.exists(path) and os.unlink(path))
+    return path
+
+
+def _signature(layout: Layout, template: nn.Module) -> tuple:
+    """What makes two layers' expert modules interchangeable: the record layout and every
+    submodule's type and plain attributes (e.g. an int4 linear's 8-bit flag)."""
+    return layout.fields, tuple(
+        (name, type(m).__name__, tuple(sorted(
+            (k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and k != "training"
+        )))
+        for name, m in template.named_modules()
+    )  # fmt: skip
+
+
+class _Slot:
+    __slots__ = ("key", "pins", "ready", "error", "by_prefetch")
+
+    def __init__(self):
+        self.key = None  # (layer, expert) held, or None
+        self.pins = 0  # users (a layer computing with it, a read in flight)
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.by_prefetch = False  # read ahead and not yet used
+
+
+class ExpertStore:
+    """A RAM cache of `cap_bytes` over the experts file; see the module docstring."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        layers: list,
+        cap_bytes: int,
+        *,
+        prefetch: bool = True,
+        drop_page_cache: bool = False,
+    ):
+        """layers: the model's sparse layers (each with its `expert_layout`); `prefetch`: read the
+        next layer's predicted experts ahead; `drop_page_cache`: tell the OS to drop each range
+        after reading it, so every miss is a read from the device (for benchmarks: otherwise
+        the OS page cache may hold the whole file and misses are memory copies)."""
+        self.path = str(path)
+        self.layouts = {m.layer: m.expert_layout for m in layers}
+        self.templates = {m.layer: m._template[0] for m in layers}
+        self.fd = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(self.fd).st_size
+        need = max(lay.offset + lay.record * lay.num_experts for lay in self.layouts.values())
+        if size < need:
+            os.close(self.fd)
+            raise ModelLoadError(f"experts file {self.path} is truncated: {size} < {need} bytes")
+        self.slot_bytes = max(lay.record for lay in self.layouts.values())
+        top_k = max(m.top_k for m in layers)
+        self.num_slots = cap_bytes // self.slot_bytes
+        least = 2 * top_k
+        if self.num_slots < least:
+            os.close(self.fd)
+            raise InvalidRequest(
+                f"expert cache memory {cap_bytes} B holds {self.num_slots} experts of "
+                f"{self.slot_bytes} B; it needs at least {least} ({least * self.slot_bytes} B): "
+                f"two layers' {top_k} experts",
+                param="expert_cache_memory",
+            )
+        # Pages are touched only as slots fill, so resident memory grows to the cap, no further.
+        self.memory = torch.empty(self.num_slots, self.slot_bytes, dtype=torch.uint8)
+        self._np = self.memory.numpy()
+        self.slots = [_Slot() for _ in range(self.num_slots)]
+        self.where: dict[tuple[int, int], int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(self.num_slots))
+        self.lock = threading.Lock()
+        self.freed = threading.Condition(self.lock)
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="slimserve-experts")
+        self.prefetch_enabled, self.drop_page_cache = prefetch, drop_page_cache
+        self.native = True  # which kernels the slot modules run: set by the model's selection
+        self._modules: dict[tuple[int, int], nn.Module] = {}
+        self.stats = dict.fromkeys(
+            ("hits", "prefetch_hits", "misses", "prefetch_reads", "prefetch_unused",
+             "bytes_read", "waits"), 0,
+        )  # fmt: skip
+        # Layers whose experts pack alike share slot modules: layer -> format id.
+        ids: dict[tuple, int] = {}
+        self.formats = {
+            layer: ids.setdefault(_signature(self.layouts[layer], t), len(ids))
+            for layer, t in self.templates.items()
+        }
+
+    # -- slots -------------------------------------------------------------------------------
+    def _claim(self, key, prefetch: bool, wait: bool) -> int | None:
+        """Under the lock: a slot for `key`, pinned once for its read, or None when every slot
+        is pinned (and not `wait`)."""
+        while not self.lru:
+            if not wait:
+                return None
+            self.freed.wait()
+        s, _ = self.lru.popitem(last=False)
+        slot = self.slots[s]
+        if slot.key is not None:
+            del self.where[slot.key]
+            if slot.by_prefetch:
+                self.stats["prefetch_unused"] += 1
+        slot.key, slot.pins, slot.error, slot.by_prefetch = key, 1, None, prefetch
+        slot.ready.clear()
+        self.where[key] = s
+        return s
+
+    def _unpin(self, s: int) -> None:
+        slot = self.slots[s]
+        slot.pins -= 1
+        if slot.pins == 0:
+            if slot.error is not None:  # a failed read holds nothing
+                del self.where[slot.key]
+                slot.key = None
+            self.lru[s] = None
+            self.freed.notify_all()
+
+    def _read(self, s: int) -> None:
+        slot = self.slots[s]
+        layer, expert = slot.key
+        lay = self.layouts[layer]
+        at = lay.offset + expert * lay.record
+        try:
+            n = os.preadv(self.fd, [self._np[s, : lay.record]], at)
+            if n != lay.record:
+                raise ModelLoadError(f"experts file {self.path}: short read at {at} ({n} B)")
+            if self.drop_page_cache:
+                os.posix_fadvise(self.fd, at, lay.record, os.POSIX_FADV_DONTNEED)
+        except BaseException as e:  # the layer waiting on it re-raises it
+            slot.error = e if isinstance(e, ModelLoadError) else ModelLoadError(
+                f"cannot read layer {layer} expert {expert} from {self.path}: {e}"
+            )
+        with self.lock:
+            self.stats["bytes_read"] += lay.record
+        slot.ready.set()
+
+    def _read_ahead(self, s: int) -> None:
+        self._read(s)
+        with self.lock:
+            self._unpin(s)
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Queue reads of `experts` of `layer` that are not cached, into free or unpinned slots;
+        never waits."""
+        if not self.prefetch_enabled or layer not in self.layouts:
+            return
+        with self.lock:
+            for e in experts:
+                key = (layer, e)
+                if key in self.where:
+                    continue
+                s = self._claim(key, prefetch=True, wait=False)
+                if s is None:
+                    return
+                self.stats["prefetch_reads"] += 1
+                self.reader.submit(self._read_ahead, s)
+
+    def fetch(self, layer: int, experts: list[int]) -> _Fetch:
+        """Pin `experts` of `layer` for one pass (hits now, misses queued in order)."""
+        return _Fetch(self, layer, experts)
+
+    def _acquire(self, key, queue: bool) -> tuple[int | None, bool]:
+        """Under the lock: pin `key`'s slot; returns (slot, whether it missed). A miss's read is
+        queued (`queue`) or left to the caller; with `queue`, (None, False) when every slot is
+        pinned."""
+        s = self.where.get(key)
+        if s is not None:
+            slot = self.slots[s]
+            if slot.pins == 0:
+                del self.lru[s]
+            slot.pins += 1
+            if slot.by_prefetch:
+                slot.by_prefetch = False
+                self.stats["prefetch_hits"] += 1
+            else:
+                self.stats["hits"] += 1
+            return s, False
+        s = self._claim(key, prefetch=False, wait=not queue)
+        if s is None:
+            return None, False
+        self.stats["misses"] += 1
+        self.slots[s].pins += 1  # the pass's pin beside the read's
+        if queue:
+            self.reader.submit(self._read_ahead, s)
+        return s, True
+
+    def module(self, s: int, layer: int) -> nn.Module:
+        """The expert module whose tensors are views of slot `s`, in `layer`'s format."""
+        fmt = self.formats[layer]
+        mod = self._modules.get((s, fmt))
+        if mod is None:
+            from slimserve.kernels.select import chosen
+
+            memo, row = {}, self.memory[s]
+            template = self.templates[layer]
+            for (_, dtype, shape, at), (_, t) in zip(self.layouts[layer].fields, _tensors(template)):
+                n = t.numel() * t.element_size()
+                view = row[at : at + n].view(dtype).view(shape)
+                memo[id(t)] = nn.Parameter(view, requires_grad=False) if isinstance(t, nn.Parameter) else view
+            mod = copy.deepcopy(template, memo)
+            for m in mod.modules():
+                names = getattr(type(m), "NATIVE", None)
+                if names:
+                    m.native = chosen(names, self.native)
+            self._modules[(s, fmt)] = mod
+        return mod
+
+    def set_native(self, enabled: bool) -> None:
+        self.native = enabled
+        self._modules.clear()
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __getstate__(self):
+        raise TypeError("an ExpertStore is attached at load, never pickled")
+
+    def summary(self) -> dict:
+        s = dict(self.stats)
+        used = s["hits"] + s["prefetch_hits"] + s["misses"]
+        s.update(
+            slots=self.num_slots,
+            slot_bytes=self.slot_bytes,
+            hit_rate=(s["hits"] + s["prefetch_hits"]) / used if used else 0.0,
+        )
+        return s
+
+
+class _Fetch:
+    """One sparse layer's pass over its active experts: `run(j, x)` computes with the j-th."""
+
+    def __init__(self, store: ExpertStore, layer: int, experts: list[int]):
+        self.store, self.layer, self.experts = store, layer, experts
+        self.pinned: list[int | None] = []
+        with store.lock:
+            for e in experts:  # claim what fits; the rest waits for slots this pass frees
+                s, _ = store._acquire((layer, e), queue=True)
+                if s is None:
+                    break
+                self.pinned.append(s)
+        self.done = 0
+
+    def run(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        store = self.store
+        if j >= len(self.pinned):  # more experts than free slots: reuse the ones computed
+            with store.lock:
+                for k in range(self.done):
+                    if self.pinned[k] is not None:
+                        store._unpin(self.pinned[k])
+                        self.pinned[k] = None
+                s, unread = store._acquire((self.layer, self.experts[j]), queue=False)
+            while len(self.pinned) < j:
+                self.pinned.append(None)
+            self.pinned.append(s)
+            if unread:
+                store._read(s)
+                with store.lock:
+                    store._unpin(s)
+        s = self.pinned[j]
+        slot = store.slots[s]
+        if not slot.ready.is_set():
+            store.stats["waits"] += 1
+            slot.ready.wait()
+        if slot.error is not None:
+            raise slot.error
+        self.done = j + 1
+        return store.module(s, self.layer)(x)
+
+    def close(self) -> None:
+        with self.store.lock:
+            for s in self.pinned:
+                if s is not None:
+                    self.store._unpin(s)
+        self.pinned = []
