@@ -27,6 +27,7 @@ def cmd_bench(args) -> int:
         "structured": ("structured", "run_structured"),
         "load": ("load", "run_load"),
         "kv": ("kv", "run_kv"),
+        "moe": ("moe", "run_moe"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -159,6 +160,19 @@ def add_tool_parsers(sub) -> None:
     kvb.add_argument("--seed", type=int, default=0)
     kvb.add_argument("--output", default=None, help="write results as JSON here")
     add_engine_args(kvb)
+    moe = bsub.add_parser("moe", help="MoE experts resident, cached on disk, read every time")
+    moe.add_argument("--model", default=None, help="an MoE GGUF (default: a synthetic one)")
+    moe.add_argument("--layers", type=int, default=8, help="the synthetic model's layers")
+    moe.add_argument("--cap", default="512MiB", help="the expert cache's memory")
+    moe.add_argument("--prompt", type=int, default=32)
+    moe.add_argument("--tokens", type=int, default=48)
+    moe.add_argument("--rounds", type=int, default=2)
+    moe.add_argument("--threads", type=int, default=None)
+    moe.add_argument("--seed", type=int, default=0)
+    moe.add_argument("--cold", action="store_true",
+                     help="drop each read range from the page cache: misses read the device")
+    moe.add_argument("--workdir", default=None, help="where the synthetic model is written")
+    moe.add_argument("--output", default=None, help="write results as JSON here")
     roof = bsub.add_parser("roofline", help="machine limits, model cost per token, fractions")
     roof.add_argument("--latency", default=None, help="a bench latency JSON to rate")
     roof.add_argument("--output", default=None)

@@ -101,6 +101,17 @@ class SparseMoE(nn.Module):
         self.store = None
         self._next = []
 
+    def predict(self, x: torch.Tensor) -> list[int]:
+        """The experts this layer is likely to run for hidden states `x` of the layer before:
+        its router's top-k on them, the k with the most routing weight over the tokens (a
+        prefill's tokens would name nearly every expert; reading all of them ahead evicts more
+        than it saves)."""
+        weights, ids = route(self.gate(x), self.top_k, self.norm, self.order)
+        if x.shape[0] == 1:
+            return ids[0].tolist()
+        mass = torch.zeros(len(self.gate.weight)).index_add_(0, ids.flatten(), weights.flatten())
+        return mass.topk(self.top_k).indices.tolist()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         weights, ids = route(self.gate(x), self.top_k, self.norm, self.order)
@@ -116,9 +127,7 @@ class SparseMoE(nn.Module):
         if store is not None:
             modules = store.fetch(self.layer, active)  # this layer's reads first, then ahead
             if self._next:
-                nxt = self._next[0]
-                ahead = route(nxt.gate(x), nxt.top_k, nxt.norm, nxt.order)[1]
-                store.prefetch(nxt.layer, ahead.flatten().unique().tolist())
+                store.prefetch(self._next[0].layer, self._next[0].predict(x))
         start = 0
         for j, e in enumerate(active):
             end = start + counts[e]

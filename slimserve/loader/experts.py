@@ -23,8 +23,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,7 +196,14 @@ class ExpertStore:
         self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(self.num_slots))
         self.lock = threading.Lock()
         self.freed = threading.Condition(self.lock)
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="slimserve-experts")
+        # Reads waiting for the reader thread: a layer's own misses go before any read-ahead,
+        # and read-ahead the layer did not need is dropped when the layer runs.
+        self.demand: deque[int] = deque()
+        self.ahead: deque[int] = deque()
+        self.work = threading.Condition(self.lock)
+        self._closed = False
+        self.reader = threading.Thread(target=self._reader, name="slimserve-experts", daemon=True)
+        self.reader.start()
         self.prefetch_enabled, self.drop_page_cache = prefetch, drop_page_cache
         self.native = True  # which kernels the slot modules run: set by the model's selection
         self._modules: dict[tuple[int, int], nn.Module] = {}
@@ -260,10 +266,37 @@ class ExpertStore:
             self.stats["bytes_read"] += lay.record
         slot.ready.set()
 
-    def _read_ahead(self, s: int) -> None:
-        self._read(s)
-        with self.lock:
-            self._unpin(s)
+    def _reader(self) -> None:
+        while True:
+            with self.lock:
+                while not (self.demand or self.ahead or self._closed):
+                    self.work.wait()
+                if self._closed:
+                    return
+                s = (self.demand or self.ahead).popleft()
+            self._read(s)
+            with self.lock:
+                self._unpin(s)
+
+    def _queue(self, s: int, ahead: bool) -> None:
+        (self.ahead if ahead else self.demand).append(s)
+        self.work.notify()
+
+    def _drop_ahead(self, layer: int, keep: set[int]) -> None:
+        """Under the lock: unstarted reads ahead of `layer` that it does not need (or of a layer
+        already past) give their slots back, first in line for reuse."""
+        for s in list(self.ahead):
+            slot = self.slots[s]
+            lay, e = slot.key
+            if slot.pins == 1 and (lay < layer or (lay == layer and e not in keep)):
+                self.ahead.remove(s)
+                del self.where[slot.key]
+                slot.key, slot.pins, slot.by_prefetch = None, 0, False
+                slot.ready.set()
+                self.stats["prefetch_unused"] += 1
+                self.lru[s] = None
+                self.lru.move_to_end(s, last=False)
+                self.freed.notify_all()
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Queue reads of `experts` of `layer` that are not cached, into free or unpinned slots;
@@ -279,7 +312,7 @@ class ExpertStore:
                 if s is None:
                     return
                 self.stats["prefetch_reads"] += 1
-                self.reader.submit(self._read_ahead, s)
+                self._queue(s, ahead=True)
 
     def fetch(self, layer: int, experts: list[int]) -> _Fetch:
         """Pin `experts` of `layer` for one pass (hits now, misses queued in order)."""
@@ -307,7 +340,7 @@ class ExpertStore:
         self.stats["misses"] += 1
         self.slots[s].pins += 1  # the pass's pin beside the read's
         if queue:
-            self.reader.submit(self._read_ahead, s)
+            self._queue(s, ahead=False)
         return s, True
 
     def module(self, s: int, layer: int) -> nn.Module:
@@ -336,7 +369,10 @@ class ExpertStore:
         self._modules.clear()
 
     def close(self) -> None:
-        self.reader.shutdown(wait=True)
+        with self.lock:
+            self._closed = True
+            self.work.notify_all()
+        self.reader.join()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -362,6 +398,7 @@ class _Fetch:
         self.store, self.layer, self.experts = store, layer, experts
         self.pinned: list[int | None] = []
         with store.lock:
+            store._drop_ahead(layer, set(experts))
             for e in experts:  # claim what fits; the rest waits for slots this pass frees
                 s, _ = store._acquire((layer, e), queue=True)
                 if s is None:

@@ -48,6 +48,23 @@ class EngineCollector:
             "Tokens a verify yields on average (accepted drafts + 1)",
             value=1 + s.spec_accepted_tokens / max(s.spec_verifies, 1),
         )
+        engine = getattr(self.async_engine, "engine", None)
+        store = getattr(getattr(engine, "model", None), "expert_store", None)
+        if store is not None:  # experts on disk (loader/experts.py)
+            st = dict(store.stats)
+            for key, doc in (
+                ("hits", "Expert uses found in the RAM cache"),
+                ("prefetch_hits", "Expert uses found there because they were read ahead"),
+                ("misses", "Expert uses read from the experts file when needed"),
+                ("prefetch_reads", "Experts read ahead"),
+                ("bytes_read", "Bytes read from the experts file"),
+            ):
+                yield CounterMetricFamily(f"slimserve_expert_cache_{key}", doc, value=st[key])
+            yield GaugeMetricFamily(
+                "slimserve_expert_cache_bytes",
+                "Expert cache capacity",
+                value=store.num_slots * store.slot_bytes,
+            )
 
 
 class Metrics:

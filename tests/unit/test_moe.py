@@ -227,6 +227,15 @@ def test_experts_on_disk_under_a_cap_compute_what_resident_experts_do(tmp_path, 
         s = store.summary()
         assert s["misses"] > 0 and s["bytes_read"] >= s["misses"] * record
         assert (s["prefetch_reads"] > 0) == prefetch
+    # /metrics reports the store's counters
+    from types import SimpleNamespace
+
+    from slimserve.server.metrics import EngineCollector
+
+    scraped = {m.name: m.samples[0].value for m in EngineCollector(
+        SimpleNamespace(engine=ours.engine, stats=ours.engine.stats)).collect()}  # fmt: skip
+    assert scraped["slimserve_expert_cache_misses"] == s["misses"] > 0
+    assert scraped["slimserve_expert_cache_bytes"] == 6 * record
     assert ours.engine.model.from_cache  # the second load mapped the first one's dense part
 
 
