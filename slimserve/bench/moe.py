@@ -145,7 +145,7 @@ def run_one(spec: dict) -> dict:
     sp = SamplingParams(max_tokens=spec["tokens"], temperature=0, ignore_eos=True)
     llm.generate([prompt[:8]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     if store is not None:
-        store.stats = dict.fromkeys(store.stats, 0)
+        store.stats, store._judged = dict.fromkeys(store.stats, 0), (0, 0)
     eng.add_request(prompt, sp)
     times = []
     while eng.has_unfinished():
@@ -172,6 +172,7 @@ def run_one(spec: dict) -> dict:
             read_ahead_used=s["prefetch_hits"] / max(1, s["prefetch_reads"]),
             mib_read_per_token=s["bytes_read"] / tokens / MiB,
             waits=s["waits"],
+            read_ahead_pauses=s["prefetch_pauses"],
         )
         store.close()
     return out

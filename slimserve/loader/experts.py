@@ -34,6 +34,10 @@ from slimserve.errors import InvalidRequest, ModelLoadError
 
 logger = logging.getLogger("slimserve")
 
+# Read-ahead judges itself every AHEAD_WINDOW reads: if fewer than AHEAD_MIN_USED of them were
+# used, it stops for AHEAD_PAUSE layer passes (wrong reads take the device from needed ones).
+AHEAD_WINDOW, AHEAD_MIN_USED, AHEAD_PAUSE = 128, 0.6, 2048
+
 ALIGN = 64  # every tensor of a record starts on a cache line (and the kernels' alignment)
 
 
@@ -209,8 +213,9 @@ class ExpertStore:
         self._modules: dict[tuple[int, int], nn.Module] = {}
         self.stats = dict.fromkeys(
             ("hits", "prefetch_hits", "misses", "prefetch_reads", "prefetch_unused",
-             "bytes_read", "waits"), 0,
+             "bytes_read", "waits", "prefetch_pauses"), 0,
         )  # fmt: skip
+        self._judged, self._paused = (0, 0), 0
         # Layers whose experts pack alike share slot modules: layer -> format id.
         ids: dict[tuple, int] = {}
         self.formats = {
@@ -303,7 +308,18 @@ class ExpertStore:
         never waits."""
         if not self.prefetch_enabled or layer not in self.layouts:
             return
+        if self._paused:  # read-ahead was mostly wrong lately: retry after a while
+            self._paused -= 1
+            return
         with self.lock:
+            used, reads = self.stats["prefetch_hits"], self.stats["prefetch_reads"]
+            if reads - self._judged[1] >= AHEAD_WINDOW:
+                right = (used - self._judged[0]) / (reads - self._judged[1])
+                self._judged = (used, reads)
+                if right < AHEAD_MIN_USED:
+                    self._paused = AHEAD_PAUSE
+                    self.stats["prefetch_pauses"] += 1
+                    return
             for e in experts:
                 key = (layer, e)
                 if key in self.where:
