@@ -103,7 +103,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--expert-prefetch",
         action=argparse.BooleanOptionalAction,
-        help="with --expert-cache-memory: read the next layer's likely experts ahead (default on)",
+        help="with --expert-cache-memory: read the next layer's likely experts ahead (default off)",
     )
 
 

@@ -215,9 +215,10 @@ class EngineConfig:
     kernels: str = "auto"
     # Mixture-of-experts models: keep the experts on disk with a RAM cache of this many bytes
     # (loader/experts.py); None: every expert resident. `expert_prefetch` reads the next
-    # layer's predicted experts ahead.
+    # layer's predicted experts ahead: off by default, as it lost 11% of decode speed on the
+    # only MoE we can measure (random weights, docs/benchmarks.md).
     expert_cache_memory: int | None = None
-    expert_prefetch: bool = True
+    expert_prefetch: bool = False
 
     def __post_init__(self):
         if self.expert_cache_memory is not None and self.expert_cache_memory <= 0:

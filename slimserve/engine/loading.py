@@ -15,7 +15,7 @@ def load_model(
     progress: bool = False,
     native: bool = True,
     expert_cache_memory: int | None = None,
-    expert_prefetch: bool = True,
+    expert_prefetch: bool = False,
 ) -> torch.nn.Module:
     """Build the model and load its weights; with a quantization method, its layers are swapped
     for collectors first and packed after (slimserve/quant), so no float copy is kept. `native`
