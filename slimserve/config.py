@@ -222,7 +222,9 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.expert_cache_memory is not None and self.expert_cache_memory <= 0:
-            raise InvalidRequest("expert cache memory must be positive", param="expert_cache_memory")
+            raise InvalidRequest(
+                "expert cache memory must be positive", param="expert_cache_memory"
+            )
         if self.kernels not in KERNEL_CHOICES:
             raise InvalidRequest(
                 f"unknown kernels setting {self.kernels!r}; supported: auto, none",

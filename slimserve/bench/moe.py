@@ -222,10 +222,12 @@ def run_moe(args) -> dict:
         row["decode_vs_read_every_expert"] = row["decode_tok_s"] / base
         rows.append(row)
         extra = (f", hit rate {row['hit_rate']:.2f}, {row['mib_read_per_token']:.1f} MiB read a "
-                 f"token, cache {row['cache_mib']:.0f} MiB" if "hit_rate" in row else "")  # fmt: skip
+                 f"token, cache {row['cache_mib']:.0f} MiB"
+                 if "hit_rate" in row else "")  # fmt: skip
         print(f"{mode:>28}: decode {row['decode_tok_s']:6.2f} tok/s "
               f"(x{row['decode_vs_read_every_expert']:.2f}), prefill "
-              f"{row['prefill_tok_s']:6.1f} tok/s, RSS {row['rss_mib']:.0f} MiB{extra}")  # fmt: skip
+              f"{row['prefill_tok_s']:6.1f} tok/s, RSS {row['rss_mib']:.0f} MiB"
+              f"{extra}")  # fmt: skip
     result = {"run": run_info(), "model": os.path.basename(model), "layers": args.layers,
               "cold_reads": args.cold, "rounds": args.rounds, "rows": rows,
               "synthetic": args.model is None}  # fmt: skip

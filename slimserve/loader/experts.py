@@ -25,7 +25,6 @@ import tempfile
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -69,12 +68,17 @@ def _layout_of(expert: nn.Module, offset: int, num_experts: int) -> Layout:
     return Layout(offset, _align(at), num_experts, tuple(fields))
 
 
+def _like(t: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """`data` as `t` is held: a frozen Parameter if `t` is one, else a plain tensor."""
+    return nn.Parameter(data, requires_grad=False) if isinstance(t, nn.Parameter) else data
+
+
 def _meta_template(expert: nn.Module) -> nn.Module:
     """The expert's module tree with every tensor on the meta device (shapes, no bytes)."""
     memo = {}
     for _, t in _tensors(expert):
         meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+        memo[id(t)] = _like(t, meta)
     return copy.deepcopy(expert, memo)
 
 
@@ -105,7 +109,7 @@ def strip_experts(model: nn.Module, path: str | os.PathLike) -> None:
                             f"layer {moe.layer} expert {e} is packed unlike expert 0 ({got} vs "
                             f"{want}); its experts cannot share one record layout"
                         )
-                    for (_, t), (*_, at) in zip(_tensors(expert), layout.fields):
+                    for _, t in _tensors(expert):
                         data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
                         f.write(data)
                         f.write(bytes(_align(data.nbytes) - data.nbytes))
@@ -368,10 +372,10 @@ class ExpertStore:
 
             memo, row = {}, self.memory[s]
             template = self.templates[layer]
-            for (_, dtype, shape, at), (_, t) in zip(self.layouts[layer].fields, _tensors(template)):
+            fields = self.layouts[layer].fields
+            for (_, dtype, shape, at), (_, t) in zip(fields, _tensors(template)):
                 n = t.numel() * t.element_size()
-                view = row[at : at + n].view(dtype).view(shape)
-                memo[id(t)] = nn.Parameter(view, requires_grad=False) if isinstance(t, nn.Parameter) else view
+                memo[id(t)] = _like(t, row[at : at + n].view(dtype).view(shape))
             mod = copy.deepcopy(template, memo)
             for m in mod.modules():
                 names = getattr(type(m), "NATIVE", None)

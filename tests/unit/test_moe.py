@@ -172,7 +172,8 @@ def test_q8_0_experts_stay_compressed_and_batch_invariant(tmp_path, llm, gguf_pa
     write_moe_gguf(path, tmp_path, ref, "qwen3moe", gguf_path, gguf.GGMLQuantizationType.Q8_0)
     ours = LLM(str(path), kv_cache_memory="16MiB", max_num_batched_tokens=64)
     moe = ours.engine.model.model.layers[0].mlp
-    assert isinstance(moe.experts[5].gate_up_proj, Int4Linear) and moe.experts[5].down_proj.eight_bit
+    expert = moe.experts[5]
+    assert isinstance(expert.gate_up_proj, Int4Linear) and expert.down_proj.eight_bit
     # Expert 5 of layer 0 against the float expert over the blocks' own values (the kernel rounds
     # activations to int8 per 32 values: ~0.7% here).
     x = torch.randn(7, ref.config.hidden_size, generator=torch.Generator().manual_seed(5))
