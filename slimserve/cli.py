@@ -246,6 +246,15 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     import os
 
+    if args.replicas is not None:
+        try:
+            from slimserve.distributed.serve import serve_forever
+        except ImportError as e:
+            print(f"error: --replicas needs Ray Serve: pip install 'slimserve[ray]' ({e})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return serve_forever(args, engine_settings(args))
+
     import torch
 
     from slimserve.engine.async_engine import AsyncEngine
@@ -304,6 +313,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds in-flight requests get to finish on SIGTERM/SIGINT (default 30)",
+    )
+    g = serve.add_argument_group("scale-out on Ray Serve (pip install 'slimserve[ray]')")
+    g.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="run N engine replicas on Ray Serve behind one router (on one machine they split "
+        "its cores)",
+    )
+    g.add_argument(
+        "--routing",
+        choices=["prefix", "least-loaded", "round-robin"],
+        default="prefix",
+        help="prefix (default): the replica holding the longest cached prefix, unless it is "
+        "4 requests busier than the least loaded one",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (`ray start --head` prints it); default: start one here",
     )
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)

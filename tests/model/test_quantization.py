@@ -187,26 +187,31 @@ def test_bad_combinations_are_typed_errors(gguf_path, float_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def fp32_kv_llm(gguf_path):
-    return LLM(gguf_path, kv_cache_memory="64MiB", quantization="none", kv_cache_dtype="float32")
+def fp32_kv_perplexity(gguf_path):
+    """The float32 KV cache's capacity, and its perplexity over the first 1,024 tokens of the
+    default text (computed once for both dtypes below)."""
+    from slimserve.eval.perplexity import DEFAULT_TEXT, perplexity
+
+    fp = LLM(gguf_path, kv_cache_memory="64MiB", quantization="none", kv_cache_dtype="float32")
+    with open(DEFAULT_TEXT) as f:
+        ids = fp.tokenizer.encode(f.read(), add_special_tokens=False)[:1024]
+    ppl, n = perplexity(fp, ids, window=512, stride=256, chunk=64)
+    assert n == 1023
+    return fp.engine.capacity_tokens, ids, ppl
 
 
 # fp32 rows of 64 values (256 bytes) against 128 bytes of bfloat16, or 64 codes + a 4-byte scale.
 @pytest.mark.parametrize("dtype,capacity,bound", [("bfloat16", 2.0, 0.003), ("int8", 3.7, 0.01)])
 def test_kv_cache_dtype_holds_more_tokens_at_a_small_perplexity_cost(
-    gguf_path, fp32_kv_llm, dtype, capacity, bound
+    gguf_path, fp32_kv_perplexity, dtype, capacity, bound
 ):
     """Chunked prefill reads every earlier chunk back from the cache, so its format shows."""
-    from slimserve.eval.perplexity import DEFAULT_TEXT, perplexity
+    from slimserve.eval.perplexity import perplexity
 
-    fp = fp32_kv_llm
+    fp_capacity, ids, ppl_fp = fp32_kv_perplexity
     small = LLM(gguf_path, kv_cache_memory="64MiB", quantization="none", kv_cache_dtype=dtype)
-    assert small.engine.capacity_tokens >= capacity * fp.engine.capacity_tokens
-    with open(DEFAULT_TEXT) as f:
-        ids = fp.tokenizer.encode(f.read(), add_special_tokens=False)[:1024]
-    ppl_fp, n = perplexity(fp, ids, window=512, stride=256, chunk=64)
+    assert small.engine.capacity_tokens >= capacity * fp_capacity
     ppl_small, _ = perplexity(small, ids, window=512, stride=256, chunk=64)
-    assert n == 1023
     assert 5 < ppl_fp < 60  # the model reads English: a broken forward pass lands far above
     assert abs(ppl_small / ppl_fp - 1) < bound, (ppl_fp, ppl_small)
 

@@ -85,7 +85,7 @@ def test_unseeded_sampling_follows_the_target_distribution(gguf_path, plain):
     text = "one two three four five six seven eight nine ten " * 3
     ids = plain.tokenizer.encode(text)
     params = SamplingParams(max_tokens=6, temperature=0.7, ignore_eos=True)
-    n = 400
+    n = 300
     runs = {}
     for name, llm in (("plain", plain), ("spec", spec)):
         runs[name] = _ids(llm.generate([ids] * n, params))
