@@ -28,6 +28,7 @@ def cmd_bench(args) -> int:
         "load": ("load", "run_load"),
         "kv": ("kv", "run_kv"),
         "moe": ("moe", "run_moe"),
+        "scaleout": ("scaleout", "run_scaleout"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -173,6 +174,18 @@ def add_tool_parsers(sub) -> None:
                      help="drop each read range from the page cache: misses read the device")
     moe.add_argument("--workdir", default=None, help="where the synthetic model is written")
     moe.add_argument("--output", default=None, help="write results as JSON here")
+    so_ = bsub.add_parser("scaleout", help="serve alone vs engine replicas on Ray Serve")
+    so_.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    so_.add_argument("--num-prompts", type=int, default=64)
+    so_.add_argument("--input-len", type=int, default=200)
+    so_.add_argument("--output-len", type=int, default=128)
+    so_.add_argument("--groups", type=int, default=8, help="shared-prefix: system prompts")
+    so_.add_argument("--per-group", type=int, default=4, help="shared-prefix: users per prompt")
+    so_.add_argument("--prefix-len", type=int, default=1000)
+    so_.add_argument("--shared-output-len", type=int, default=32)
+    so_.add_argument("--shared-concurrency", type=int, default=8)
+    so_.add_argument("--kv-cache-memory", default="256MiB", help="per server or replica")
+    so_.add_argument("--output", default=None, help="write results as JSON here")
     roof = bsub.add_parser("roofline", help="machine limits, model cost per token, fractions")
     roof.add_argument("--latency", default=None, help="a bench latency JSON to rate")
     roof.add_argument("--output", default=None)

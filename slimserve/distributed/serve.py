@@ -69,13 +69,32 @@ async def _asgi(app, method, path, query, headers, body, gone: asyncio.Event):
     task.add_done_callback(lambda _: out.put_nowait(None))
     try:
         while (message := await out.get()) is not None:
+            # Body chunks already queued go out as one: each item through Ray costs a few
+            # hundred microseconds of the cores the engine needs, so a busy replica sends
+            # fewer, larger items instead of falling behind token by token.
+            while message["type"] == "http.response.body" and not out.empty():
+                nxt = out.get_nowait()
+                if nxt is None or nxt["type"] != "http.response.body":
+                    yield message
+                    message = nxt
+                    break
+                message = dict(nxt, body=message.get("body", b"") + nxt.get("body", b""))
+            if message is None:
+                break
             yield message
     finally:
         gone.set()  # the router went away (or we are done): the app sees a disconnect
         await task
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=2)
+# Serve caps a replica's concurrent calls (5 by default); the engine batches and queues its own
+# (`--max-queue`), and the router forwards every request at once.
+MAX_ONGOING = 4096
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1}, health_check_period_s=2, max_ongoing_requests=MAX_ONGOING
+)
 class EngineReplica:
     def __init__(self, index: int, count: int, model: str | None, settings: dict, name: str,
                  api_key: str | None = None, max_queue: int | None = None):  # fmt: skip
@@ -127,7 +146,7 @@ def _ingress_app():
         return JSONResponse({"error": {"message": message, "type": type_, "param": None,
                                        "code": None}}, status_code=status)  # fmt: skip
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING)
     @serve.ingress(app)
     class Ingress:
         def __init__(self, engines: list[DeploymentHandle], model: str | None, policy: str,
