@@ -326,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--routing",
         choices=["prefix", "least-loaded", "round-robin"],
         default="prefix",
-        help="prefix (default): the replica holding the longest cached prefix, unless it is "
-        "4 requests busier than the least loaded one",
+        help="prefix (default): where the prompt finishes soonest, counting the prefix a "
+        "replica is thought to hold against the work queued there",
     )
     g.add_argument(
         "--ray-address",

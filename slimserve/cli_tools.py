@@ -175,6 +175,8 @@ def add_tool_parsers(sub) -> None:
     moe.add_argument("--workdir", default=None, help="where the synthetic model is written")
     moe.add_argument("--output", default=None, help="write results as JSON here")
     so_ = bsub.add_parser("scaleout", help="serve alone vs engine replicas on Ray Serve")
+    so_.add_argument("--workloads", nargs="+", default=["random", "shared-prefix"],
+                     choices=["random", "shared-prefix"])  # fmt: skip
     so_.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     so_.add_argument("--num-prompts", type=int, default=64)
     so_.add_argument("--input-len", type=int, default=200)

@@ -150,11 +150,11 @@ def _ingress_app():
     @serve.ingress(app)
     class Ingress:
         def __init__(self, engines: list[DeploymentHandle], model: str | None, policy: str,
-                     block_size: int, imbalance: int):  # fmt: skip
+                     block_size: int, decode_cost: int):  # fmt: skip
             from slimserve.loader.resolve import open_model
 
             self.engines = engines
-            self.router = Router(len(engines), policy, block_size, imbalance)
+            self.router = Router(len(engines), policy, block_size, decode_cost)
             self.tokenizer = open_model(model).tokenizer()
 
         def _prompt_ids(self, path: str, body: bytes) -> list[int] | None:
@@ -199,14 +199,14 @@ def _ingress_app():
                 if replica in tried:  # every replica failed before answering
                     return error(503, "no engine replica could take the request; retry later")
                 tried.add(replica)
-                self.router.started(replica, ids, matched)
+                ticket = self.router.started(replica, ids, matched)
                 stream = self.engines[replica].options(stream=True).forward.remote(*args)
                 try:
                     start = await stream.__anext__()
                     break
                 except Exception as e:  # the replica died or is restarting
                     logger.warning("replica %d failed before answering: %r", replica, e)
-                    self.router.finished(replica, failed=True)
+                    self.router.finished(replica, ticket, failed=True)
 
             async def chunks():
                 failed = True
@@ -220,7 +220,7 @@ def _ingress_app():
                                      "type": "server_error", "param": None, "code": None}}
                     yield f"data: {json.dumps(msg)}\n\n".encode()
                 finally:
-                    self.router.finished(replica, failed=failed)
+                    self.router.finished(replica, ticket, failed=failed)
 
             hdrs = {k: v for k, v in start["headers"] if k.lower() != "content-length"}
             return StreamingResponse(chunks(), status_code=start["status"], headers=hdrs)
@@ -234,7 +234,7 @@ def deploy(
     policy: str = "prefix",
     settings: dict | None = None,
     served_name: str | None = None,
-    imbalance: int = 4,
+    decode_cost: int = 128,
     cpus_per_replica: float = 1,
     api_key: str | None = None,
     max_queue: int | None = None,
@@ -255,7 +255,7 @@ def deploy(
     ]
     ingress = _ingress_app().options(name="slimserve-router")
     return serve.run(
-        ingress.bind(engines, model, policy, block, imbalance), name="slimserve", route_prefix="/"
+        ingress.bind(engines, model, policy, block, decode_cost), name="slimserve", route_prefix="/"
     )
 
 

@@ -9,31 +9,32 @@ def _prompt(tenant: int, n: int = 64) -> list[int]:
     return [1000 * tenant + i for i in range(n)]
 
 
-def test_prefix_routing_follows_the_cached_prefix_until_load_wins():
-    r = Router(2, "prefix", block_size=16, imbalance=2)
-    first, matched = r.choose(_prompt(1))
+def test_prefix_routing_weighs_the_cached_prefix_against_queued_work():
+    r = Router(2, "prefix", block_size=16, decode_cost=128)
+    first, matched = r.choose(_prompt(1, 640))
     assert matched == 0
-    r.started(first, _prompt(1), matched)
-    r.finished(first)
+    r.finished(first, r.started(first, _prompt(1, 640), matched))
     other = 1 - first
-    r.started(other, _prompt(2), 0)  # tenant 2 lives on the other replica
-    r.finished(other)
-    again, matched = r.choose(_prompt(1) + [7, 8, 9])
-    assert (again, matched) == (first, 4)  # 4 full blocks of 16 already sent there
-    assert r.choose(_prompt(2)) == (other, 4)
-    # The tenant's replica is 2 requests busier than the other: load wins.
-    r.started(first, None, 0)
-    r.started(first, None, 0)
-    assert r.choose(_prompt(1)) == (other, 0)
+    r.finished(other, r.started(other, _prompt(2, 640), 0))  # tenant 2 lives on the other
+    assert r.choose(_prompt(1, 640) + [7, 8, 9]) == (first, 40)  # 40 blocks of 16 sent there
+    assert r.choose(_prompt(2, 640)) == (other, 40)
+    # A request in flight on tenant 1's replica (128 of decode) costs less than the 640 prompt
+    # tokens the other would compute: it stays.
+    busy = r.started(first, _prompt(3, 64), 0)
+    assert r.choose(_prompt(1, 640))[0] == first
+    # 900 prompt tokens queued there cost more than the prefix saves: load wins.
+    more = r.started(first, _prompt(4, 900), 0)
+    assert r.choose(_prompt(1, 640)) == (other, 0)
+    r.finished(first, more)
+    r.finished(first, busy)
+    assert r.queued == [0, 0] and r.in_flight == [0, 0]
 
 
 def test_a_failed_replica_is_avoided_and_forgotten_until_it_answers():
     r = Router(2, "prefix", block_size=16)
-    r.started(0, _prompt(1), 0)
-    r.finished(0, failed=True)
+    r.finished(0, r.started(0, _prompt(1), 0), failed=True)
     assert r.choose(_prompt(1)) == (1, 0)  # down, and its estimate is gone
-    r.started(0, _prompt(3), 0)
-    r.finished(0)  # answered again: up
+    r.finished(0, r.started(0, _prompt(3), 0))  # answered again: up
     assert r.choose(_prompt(3)) == (0, 4)
 
 
