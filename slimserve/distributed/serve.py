@@ -12,9 +12,9 @@
 - Replicas on one machine split its cores: replica i pins itself to its share
   (`os.sched_setaffinity`) and runs that many threads, so their OpenMP teams do not contend.
 
-Why a plain Serve deployment and not `ray.serve.llm`: its `LLMServer` builds a vLLM engine
-config and expects vLLM's engine protocol; our engine already serves the OpenAI API, so the
-router only has to forward bytes, and per-replica deployments let our own prefix index choose.
+Why a plain Serve deployment and not `ray.serve.llm` (`LLMConfig(server_cls=...)`): see
+docs/architecture.md. In short, our app already serves the OpenAI API, so the router only has
+to forward bytes, and per-replica deployments let our own prefix index choose.
 """
 
 

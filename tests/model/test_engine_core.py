@@ -47,7 +47,7 @@ def test_mixed_batch_equals_each_request_alone(llm, cold_llm):
     prompts = [
         [1],
         chat_ids(llm, "Hi"),
-        torch.randint(100, 40000, (2000,), generator=g).tolist(),
+        torch.randint(100, 40000, (1200,), generator=g).tolist(),
         chat_ids(llm, "Where is the poetry section?"),
         torch.randint(100, 40000, (300,), generator=g).tolist(),
         llm.tokenizer.encode("The capital of France is"),
