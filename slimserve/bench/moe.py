@@ -45,7 +45,7 @@ def synthetic_gguf(path: Path, layers: int, vocab_from: str, seed: int = 0) -> P
     import gguf
     import numpy as np
 
-    from slimserve.loader.gguf_file import GGUFFile
+    from slimserve.loader.gguf_file import copy_vocabulary
 
     if path.exists():
         return path
@@ -63,14 +63,7 @@ def synthetic_gguf(path: Path, layers: int, vocab_from: str, seed: int = 0) -> P
         w.add_uint32(f"{a}.{key}", value)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32(f"{a}.rope.freq_base", 1e6)
-    src = GGUFFile(vocab_from)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(src.meta("tokenizer.ggml.pre"))
-    w.add_token_list(src.meta("tokenizer.ggml.tokens"))
-    w.add_token_types(src.meta("tokenizer.ggml.token_type"))
-    w.add_token_merges(src.meta("tokenizer.ggml.merges"))
-    w.add_eos_token_id(2)
-    vocab = src.count("tokenizer.ggml.tokens")
+    vocab = copy_vocabulary(w, vocab_from)
     Q8, Q4 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0
 
     def add(name, raw, kind):
@@ -116,6 +109,7 @@ def run_one(spec: dict) -> dict:
 
     from slimserve import LLM, SamplingParams
     from slimserve.loader import experts
+    from slimserve.loader.expert_store import ExpertStore
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -133,7 +127,7 @@ def run_one(spec: dict) -> dict:
         layers = experts.moe_layers(eng.model)
         store.close()
         least = 2 * max(m.top_k for m in layers) * store.slot_bytes
-        store = experts.ExpertStore(store.path, layers, least, prefetch=spec["prefetch"])
+        store = ExpertStore(store.path, layers, least, prefetch=spec["prefetch"])
         eng.model.expert_store = store
         for m in layers:
             m.store = store

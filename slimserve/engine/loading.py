@@ -78,7 +78,9 @@ def _offloaded(source, method, group_size, progress, native, cap, prefetch) -> t
     else:  # float32, or no cache: build, and write the experts file for this process
         model, hit = build(), False
     model.from_cache = hit
-    model.expert_store = store = experts.ExpertStore(
+    from slimserve.loader.expert_store import ExpertStore
+
+    model.expert_store = store = ExpertStore(
         path, experts.moe_layers(model), cap, prefetch=prefetch
     )
     for moe in experts.moe_layers(model):

@@ -229,3 +229,17 @@ class _Raw:
             out.append(str(data[pos : pos + n], "utf-8"))
             pos += n
         return out
+
+
+def copy_vocabulary(writer, src: str) -> int:
+    """Write the byte-level BPE vocabulary of GGUF file `src` (tokens, types, merges) into a
+    `gguf.GGUFWriter`, with EOS id 2; returns the vocabulary's size. For models written in tests
+    and benchmarks that borrow the default model's tokenizer."""
+    f = GGUFFile(src)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(f.meta("tokenizer.ggml.pre"))
+    writer.add_token_list(f.meta("tokenizer.ggml.tokens"))
+    writer.add_token_types(f.meta("tokenizer.ggml.token_type"))
+    writer.add_token_merges(f.meta("tokenizer.ggml.merges"))
+    writer.add_eos_token_id(2)
+    return f.count("tokenizer.ggml.tokens")

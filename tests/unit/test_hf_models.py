@@ -152,7 +152,7 @@ def test_qwen3_gguf_logits_match_transformers(tmp_path, llm, gguf_path):
     written from a tiny random transformers model with the default model's vocabulary."""
     import gguf
 
-    from slimserve.loader.gguf_file import GGUFFile
+    from slimserve.loader.gguf_file import copy_vocabulary
 
     ref = make_hf_dir(tmp_path, llm, "qwen3", tie_word_embeddings=True, head_dim=32)
     cfg = ref.config
@@ -166,13 +166,7 @@ def test_qwen3_gguf_logits_match_transformers(tmp_path, llm, gguf_path):
         w.add_uint32(f"qwen3.{key}", value)
     w.add_float32("qwen3.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
     w.add_float32("qwen3.rope.freq_base", float(cfg.rope_parameters["rope_theta"]))
-    src = GGUFFile(gguf_path)  # the default model's byte-level BPE vocabulary
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(src.meta("tokenizer.ggml.pre"))
-    w.add_token_list(src.meta("tokenizer.ggml.tokens"))
-    w.add_token_types(src.meta("tokenizer.ggml.token_type"))
-    w.add_token_merges(src.meta("tokenizer.ggml.merges"))
-    w.add_eos_token_id(2)
+    copy_vocabulary(w, gguf_path)  # the default model's byte-level BPE vocabulary
     for name, t in ref.state_dict().items():
         if name == "lm_head.weight":
             continue  # tied

@@ -74,7 +74,7 @@ def write_moe_gguf(path, hf_dir, ref, gguf_arch: str, gguf_path: str, expert_typ
     import numpy as np
     from safetensors.torch import load_file
 
-    from slimserve.loader.gguf_file import GGUFFile
+    from slimserve.loader.gguf_file import copy_vocabulary
 
     c, a = ref.config, gguf_arch
     w = gguf.GGUFWriter(str(path), a)
@@ -95,13 +95,7 @@ def write_moe_gguf(path, hf_dir, ref, gguf_arch: str, gguf_path: str, expert_typ
         w.add_uint32(f"{a}.expert_shared_feed_forward_length", shared)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
     w.add_float32(f"{a}.rope.freq_base", float(c.rope_parameters["rope_theta"]))
-    src = GGUFFile(gguf_path)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(src.meta("tokenizer.ggml.pre"))
-    w.add_token_list(src.meta("tokenizer.ggml.tokens"))
-    w.add_token_types(src.meta("tokenizer.ggml.token_type"))
-    w.add_token_merges(src.meta("tokenizer.ggml.merges"))
-    w.add_eos_token_id(2)
+    copy_vocabulary(w, gguf_path)
     stacks = {}
     for name, t in sorted(load_file(str(hf_dir / "model.safetensors")).items()):
         a32 = t.float().numpy()
@@ -243,6 +237,7 @@ def test_experts_on_disk_under_a_cap_compute_what_resident_experts_do(tmp_path, 
 def test_expert_cache_bad_settings_and_a_truncated_experts_file(tmp_path, llm, gguf_path):
     from slimserve.errors import InvalidRequest, ModelLoadError
     from slimserve.loader import experts
+    from slimserve.loader.expert_store import ExpertStore
 
     arch, overrides = CASES["mixtral"]
     make_hf_dir(tmp_path, llm, arch, **overrides)
@@ -254,7 +249,7 @@ def test_expert_cache_bad_settings_and_a_truncated_experts_file(tmp_path, llm, g
     store = ours.engine.model.expert_store
     with pytest.raises(ModelLoadError, match="truncated"):
         os_truncate(store.path, 100)
-        experts.ExpertStore(store.path, experts.moe_layers(ours.engine.model), 1 << 20)
+        ExpertStore(store.path, experts.moe_layers(ours.engine.model), 1 << 20)
 
 
 def os_truncate(path, size):
