@@ -28,20 +28,13 @@ def make_hf_dir(tmp_path, llm, arch: str, **overrides):
         bos_token_id=1,
     )
     common.update(overrides)
-    if arch == "qwen2":
-        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
-    elif arch == "qwen3":
-        cfg, cls = transformers.Qwen3Config(**common), transformers.Qwen3ForCausalLM
-    elif arch == "gemma3":
-        cfg, cls = transformers.Gemma3TextConfig(**common), transformers.Gemma3ForCausalLM
-    elif arch == "qwen2moe":
-        cfg, cls = transformers.Qwen2MoeConfig(**common), transformers.Qwen2MoeForCausalLM
-    elif arch == "qwen3moe":
-        cfg, cls = transformers.Qwen3MoeConfig(**common), transformers.Qwen3MoeForCausalLM
-    elif arch == "mixtral":
-        cfg, cls = transformers.MixtralConfig(**common), transformers.MixtralForCausalLM
-    else:
-        cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    prefix = {
+        "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma3", "qwen2moe": "Qwen2Moe",
+        "qwen3moe": "Qwen3Moe", "mixtral": "Mixtral",
+    }.get(arch, "Llama")  # fmt: skip
+    config_name = "Gemma3TextConfig" if arch == "gemma3" else f"{prefix}Config"
+    cfg = getattr(transformers, config_name)(**common)
+    cls = getattr(transformers, f"{prefix}ForCausalLM")
     torch.manual_seed(0)
     model = cls(cfg).eval()
     with torch.no_grad():  # norms start at 1 (or Gemma's w = 0): make them matter
