@@ -29,6 +29,7 @@ def cmd_bench(args) -> int:
         "kv": ("kv", "run_kv"),
         "moe": ("moe", "run_moe"),
         "scaleout": ("scaleout", "run_scaleout"),
+        "ab": ("ab", "run_ab"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -220,6 +221,15 @@ def add_tool_parsers(sub) -> None:
     soak.add_argument("--sample-s", type=float, default=10.0)
     soak.add_argument("--seed", type=int, default=0)
     soak.add_argument("--output", default=None, help="write results as JSON here")
+    ab = bsub.add_parser("ab", help="this tree against another commit, alternating rounds")
+    ab.add_argument("--baseline", required=True, help="a git revision (e.g. main, HEAD~3)")
+    ab.add_argument("--candidate", default=None, help="a git revision (default: this tree)")
+    ab.add_argument("--rounds", type=int, default=4)
+    ab.add_argument("--runs", type=int, default=3, help="best of this many inside a round")
+    ab.add_argument("--prompt-len", type=int, default=512)
+    ab.add_argument("--decode-tokens", type=int, default=64)
+    ab.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
+    ab.add_argument("--output", default=None, help="write results as JSON here")
     cmp_ = bsub.add_parser("compare", help="ratios between two result files (B / A)")
     cmp_.add_argument("a")
     cmp_.add_argument("b")

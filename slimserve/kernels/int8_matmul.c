@@ -90,6 +90,59 @@ static inline __attribute__((always_inline)) void tile_rows8(
     }
 }
 
+#ifdef HAVE_ZMM
+/* The 512-bit path: a quad's 256 bytes are four registers of 16 rows x 4 inputs as they lie, so a
+   block of one 16-row group is 8 loads, multiplied by every activation row of a pass (zrows in
+   kernels.h, as the int4 kernel's 512-bit path). */
+#ifndef ZROWS8
+#define ZROWS8 64
+#endif
+#ifndef ZMIN8
+#define ZMIN8 8 /* below it the 256-bit path, which streams the head faster (bench kernels) */
+#endif
+static void tiles8_zmm(const uint8_t *codes, const uint16_t *scales, int64_t n_pad, int64_t K,
+                       int64_t M, const int8_t *xq, const float *xd, const int32_t *xs,
+                       const float *bias, float *y, int64_t ldy, int64_t n_out) {
+    const int64_t nb = K / QB, passes = (M + ZROWS8 - 1) / ZROWS8, items = n_pad / TILE * passes;
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; it++) {
+        const int64_t t = it / passes, m0 = it % passes * ZROWS8;
+        const int64_t mr = M - m0 < ZROWS8 ? M - m0 : ZROWS8;
+        const uint8_t *wt = codes + t * K * TILE;
+        float acc[ZROWS8 * TILE] __attribute__((aligned(64)));
+        memset(acc, 0, sizeof(float) * (size_t)(mr * TILE));
+        for (int64_t j = 0; j < nb; j++) {
+            const int8_t *q = xq + m0 * K + j * QB;
+            const float *d = xd + m0 * nb + j;
+            const int32_t *c = xs + m0 * nb + j;
+            if (PREFETCH8 && m0 == 0) /* the first pass streams the codes: fetch ahead */
+                for (int l = 0; l < 32; l++)
+                    _mm_prefetch((const char *)(wt + j * QB * TILE + PREFETCH8 + 64 * l),
+                                 _MM_HINT_T0);
+            for (int g = 0; g < 4; g++) {
+                __m512i W[8];
+                UNROLL(8) for (int qd = 0; qd < 8; qd++)
+                    W[qd] = _mm512_loadu_si512(wt + (j * (QB / 4) + qd) * (TILE * 4) + 64 * g);
+                __m512 sc = _mm512_cvtph_ps(
+                    _mm256_loadu_si256((const __m256i *)(scales + j * n_pad + t * TILE + 16 * g)));
+                __m512 z = _mm512_setzero_ps();
+                float *ag = acc + 16 * g;
+                int64_t m = 0;
+                for (; m + ZR <= mr; m += ZR)
+                    zrows(W, sc, z, q + m * K, K, d + m * nb, c + m * nb, nb, ZR, 1, ag + m * TILE);
+                for (; m < mr; m++)
+                    zrows(W, sc, z, q + m * K, K, d + m * nb, c + m * nb, nb, 1, 1, ag + m * TILE);
+            }
+        }
+        int64_t n = n_out - t * TILE < TILE ? n_out - t * TILE : TILE;
+        for (int64_t m = 0; m < mr; m++)
+            for (int64_t i = 0; i < n; i++)
+                y[(m0 + m) * ldy + t * TILE + i] =
+                    acc[m * TILE + i] + (bias ? bias[t * TILE + i] : 0.f);
+    }
+}
+#endif
+
 int int8_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t *codes,
                 const uint16_t *scales, int64_t n_pad, const float *bias, float *y, int64_t ldy,
                 int64_t n_out, int64_t num_threads) {
@@ -107,6 +160,11 @@ int int8_matmul(const float *x, int64_t ldx, int64_t M, int64_t K, const uint8_t
 #pragma omp for
         for (int64_t i = 0; i < M * nb; i++)
             xs[i] = quantize_block(x + (i / nb) * ldx + (i % nb) * QB, xq + i * QB, xd + i);
+#ifdef HAVE_ZMM
+        if (M >= ZMIN8) {
+            tiles8_zmm(codes, scales, n_pad, K, M, xq, xd, xs, bias, y, ldy, n_out);
+        } else
+#endif
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n_pad / TILE; t++) {
             const uint8_t *wt = codes + t * K * TILE;

@@ -33,6 +33,16 @@
 #define DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
 #endif
 
+/* 512-bit VNNI tiles (int4_matmul.c, int8_matmul.c): 16 output rows x 4 inputs per register, and
+   `vpermt2b` (AVX-512 VBMI) to gather a tile's nibbles into that order in one instruction. The
+   library is compiled for the CPU it runs on (-march=native, build.py), so which path runs follows
+   the CPU's features; -DNO_ZMM builds the 256-bit paths on such a CPU (tests, A/B benchmarks).
+   Both paths give the same bits: integer sums are exact and the float steps per output match. */
+#if defined(DPBUSD) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && \
+    defined(__AVX512BW__) && !defined(NO_ZMM)
+#define HAVE_ZMM 1
+#endif
+
 /* Cache row formats (layers/attention.py): D float32, D int8 codes + float32 scale, D bfloat16. */
 enum { F32 = 0, I8 = 1, BF16 = 2 };
 
@@ -142,6 +152,43 @@ static inline int32_t quantize_block(const float *x, int8_t *q, float *d_out) {
     *d_out = d;
     return _mm_cvtsi128_si32(s4);
 }
+
+#ifdef HAVE_ZMM
+#define ZR 4 /* rows a step of zrows: four independent chains of `vpdpbusd` */
+
+/* R rows' sums over one block of 32 inputs for one 16-output group W (8 registers of 4 inputs),
+   scaled into their accumulators (rows TILE floats apart): acc += sc d (S - o c) + z d c, with
+   o = 128 for one-byte weights u = q + 128 (EIGHT, and z unused) and 8 for 4-bit codes. The float
+   steps per output are those of the 256-bit paths, so both give the same bits. */
+static inline __attribute__((always_inline)) void zrows(
+    const __m512i W[8], __m512 sc, __m512 z, const int8_t *xq, int64_t Kx, const float *xd,
+    const int32_t *xs, int64_t nb, const int R, const int EIGHT, float *acc) {
+    /* ZR / R chains a row (integer sums: their order does not change the bits) */
+    const int P = ZR / R;
+    __m512i s[ZR];
+    UNROLL(4) for (int i = 0; i < ZR; i++) s[i] = _mm512_setzero_si512();
+    UNROLL(8) for (int qd = 0; qd < 8; qd++)
+        UNROLL(4) for (int m = 0; m < R; m++) {
+            int32_t xx;
+            memcpy(&xx, xq + m * Kx + 4 * qd, 4);
+            s[m * P + qd % P] = _mm512_dpbusd_epi32(s[m * P + qd % P], W[qd], _mm512_set1_epi32(xx));
+        }
+    UNROLL(4) for (int m = 0; m < R; m++) {
+        s[m] = s[m * P];
+        UNROLL(4) for (int i = 1; i < P; i++) s[m] = _mm512_add_epi32(s[m], s[m * P + i]);
+    }
+    UNROLL(4) for (int m = 0; m < R; m++) {
+        float d = xd[m * nb];
+        int32_t c = xs[m * nb];
+        __m512 f = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_sub_epi32(s[m], _mm512_set1_epi32((EIGHT ? 128 : 8) * c))),
+            _mm512_set1_ps(d));
+        __m512 a = _mm512_load_ps(acc + m * TILE);
+        if (!EIGHT) a = _mm512_fmadd_ps(z, _mm512_set1_ps(d * (float)c), a);
+        _mm512_store_ps(acc + m * TILE, _mm512_fmadd_ps(sc, f, a));
+    }
+}
+#endif
 
 /* A tile's 64 sums (+ bias) to y[n0 ..], skipping rows past n_out (the padding). */
 static inline void store_rows(const __m256 acc[8], float *y, int64_t n0, int64_t n_out,

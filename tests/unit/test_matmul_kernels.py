@@ -1,4 +1,5 @@
-"""The int4 and int8 matmul kernels against x8 @ dequantize(W).T, on the VNNI build and on
+"""The int4 and int8 matmul kernels against x8 @ dequantize(W).T, on the native build (512-bit
+VNNI tiles where the CPU has AVX-512 VNNI and VBMI), on a build held to 256-bit VNNI, and on
 builds without VNNI (the AVX2 paths)."""
 
 import platform
@@ -47,8 +48,8 @@ def _int8_rows(x):
     return (torch.round(g * inv) * (amax / 127)).view_as(x)
 
 
-# The VNNI path where the CPU has it, and a copy built without VNNI for the AVX2 path.
-VARIANTS = {"native": [], "avx2": ["-mno-avx512vnni", "-mno-avxvnni"]}
+# The native build, one held to 256-bit registers, and one without VNNI for the AVX2 path.
+VARIANTS = {"native": [], "vnni256": ["-DNO_ZMM"], "avx2": ["-mno-avx512vnni", "-mno-avxvnni"]}
 
 
 def _variant(flags):
@@ -74,6 +75,8 @@ def _variant(flags):
         (100, 256, 32, True, True, 2),  # 8-bit as doubled K; 100 rows padded to 128
         (192, 256, 32, True, False, 5),  # 8-bit, read as one byte per weight with VNNI
         (192, 256, 32, "mixed", False, 3),  # 4- and 8-bit shards: two 4-bit halves
+        (320, 576, 32, False, True, 70),  # 512-bit tiles: a pass of 64 rows and one of 6
+        (192, 512, 64, True, False, 9),  # ... 8-bit as one byte, groups of 64
     ],
 )
 def test_int4_matmul_matches_dequantized_weights(N, K, group, eight_bit, bias, M, variant):
@@ -123,6 +126,35 @@ def test_int4_matmul_rows_do_not_depend_on_the_batch():
         assert torch.equal(kernels.int4_matmul(x[i : i + 1], *args), batched[i : i + 1])
 
 
+def test_wide_and_narrow_paths_give_the_same_bits():
+    """The 512-bit tiles (from ZMIN rows up) and the 256-bit path compute the same float steps per
+    output over exact integer sums: equal bits, so a row is the same batched (wide tiles) or alone
+    (narrow), and the same on a CPU with or without AVX-512."""
+    from slimserve.quant.int4 import quantize_int8
+    from slimserve.quant.int8 import Int8Linear
+
+    torch.manual_seed(3)
+    narrow = _variant(VARIANTS["vnni256"])
+    x = torch.randn(37, 576)
+    for eight_bit in (False, True):
+        lin = _int4_linear(320, 576, 32, eight_bit, bias=True)
+        args = (lin.packed, lin.scales_zeros, lin.group, lin.doubled, lin.out_features, lin.bias)
+        wide = kernels.int4_matmul(x, *args, eight_bit=lin.eight_bit)
+        if wide is None:
+            pytest.skip("the int4 kernel needs AVX2")
+        assert torch.equal(wide, kernels.int4_matmul(x, *args, narrow, eight_bit=lin.eight_bit))
+        for i in (0, 36):
+            alone = kernels.int4_matmul(x[i : i + 1], *args, eight_bit=lin.eight_bit)
+            assert torch.equal(alone, wide[i : i + 1])
+    if kernels.int8_built():
+        q, d = quantize_int8(torch.randn(256, 576))
+        lin8 = Int8Linear(q, d, in_features=576, output_sizes=[256], bias=torch.randn(256))
+        args8 = (lin8.codes, lin8.scales, lin8.out_features, lin8.bias)
+        wide = kernels.int8_matmul(x, *args8)
+        assert torch.equal(wide, kernels.int8_matmul(x, *args8, narrow))
+        assert torch.equal(kernels.int8_matmul(x[5:6], *args8), wide[5:6])
+
+
 def test_int4_linear_uses_the_kernel_unless_turned_off():
     torch.manual_seed(2)
     lin = _int4_linear(128, 256, 32, False)
@@ -155,6 +187,7 @@ def test_bench_kernels_int4_rows():
 # with two, and with one (16 registers).
 VARIANTS8 = {
     "native": [],
+    "vnni256": ["-DNO_ZMM"],
     "avx2": ["-mno-avx512vnni", "-mno-avxvnni"],
     "avx2-16-registers": ["-mno-avx512vnni", "-mno-avxvnni", "-mno-avx512vl"],
 }
@@ -174,7 +207,13 @@ def _int8_linear(N, K, bias=False):
 @pytest.mark.parametrize("variant", VARIANTS8)
 @pytest.mark.parametrize(
     "N,K,bias,M",
-    [(200, 576, False, 1), (128, 256, True, 5), (64, 1536, False, 3), (192, 576, False, 32)],
+    [
+        (200, 576, False, 1),
+        (128, 256, True, 5),
+        (64, 1536, False, 3),
+        (192, 576, False, 32),
+        (256, 576, True, 75),  # 512-bit tiles (from 8 rows): passes of 64 rows and 11
+    ],
 )
 def test_int8_matmul_matches_dequantized_weights(N, K, bias, M, variant):
     """x8 @ (q d).T up to float summation order (x8: x rounded to int8 per 32), for both the
