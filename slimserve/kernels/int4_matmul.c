@@ -282,10 +282,14 @@ static inline int reads_eight_bit(const Int4Weight *w) {
 #ifndef ZROWS
 #define ZROWS 64 /* activation rows per pass over a tile */
 #endif
-/* Below this many rows the 256-bit path runs: a matrix-vector product is bound by reading the
-   weights, and there it measured 1.2-1.4x faster (bench kernels; at 3-4 rows the two are even). */
+/* Below this many rows the 256-bit path runs: with few rows the product is bound by streaming
+   the weights from memory, and there it measured faster (1.2x at 4 rows, even at 6; the 512-bit
+   tiles 1.05-1.2x at 8 and 1.25-1.35x at 12, weights streamed from memory, 2 threads). */
 #ifndef ZMIN
-#define ZMIN 4
+#define ZMIN 8
+#endif
+#ifndef ZFETCH
+#define ZFETCH 2048 /* bytes ahead: the first pass over a tile streams its codes */
 #endif
 
 /* vpermt2b's index for rows 16 h .. 16 h + 15 of the low (or high) nibbles: lane r's byte i is
@@ -336,6 +340,17 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
             const float *d = a->d + m0 * nb + j;
             const int32_t *c = a->s + m0 * nb + j;
             const uint16_t *szj = sz_t + ((g0 + j * QB) / group) * n_pad * 2;
+            if (m0 == 0) { /* the first pass streams the tile: scales and codes fetched ahead */
+                if (SZ_AHEAD && j + SZ_AHEAD < nb) {
+                    const char *next =
+                        (const char *)(sz_t + ((g0 + (j + SZ_AHEAD) * QB) / group) * n_pad * 2);
+                    for (int l = 0; l < 4; l++) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+                }
+                if (ZFETCH)
+                    for (int l = 0; l < (eight ? 32 : 16); l++)
+                        _mm_prefetch((const char *)(wt + j * QB * (TILE / 2) + ZFETCH + 64 * l),
+                                     _MM_HINT_T0);
+            }
             for (int g = 0; g < 4; g++) {
                 __m512i W[8];
                 UNROLL(8) for (int qd = 0; qd < 8; qd++) {
