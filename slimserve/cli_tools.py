@@ -191,6 +191,9 @@ def add_tool_parsers(sub) -> None:
     so_.add_argument("--output", default=None, help="write results as JSON here")
     roof = bsub.add_parser("roofline", help="machine limits, model cost per token, fractions")
     roof.add_argument("--latency", default=None, help="a bench latency JSON to rate")
+    roof.add_argument(
+        "--kernel-table", action="store_true", help="each matmul path per layer shape vs its peak"
+    )
     roof.add_argument("--output", default=None)
     add_engine_args(roof)
     rep = bsub.add_parser("report", help="markdown table and plot from a results folder")
@@ -224,8 +227,7 @@ def add_tool_parsers(sub) -> None:
     ab = bsub.add_parser("ab", help="this tree against another commit, alternating rounds")
     ab.add_argument("--baseline", required=True, help="a git revision (e.g. main, HEAD~3)")
     ab.add_argument("--candidate", default=None, help="a git revision (default: this tree)")
-    ab.add_argument("--rounds", type=int, default=4)
-    ab.add_argument("--runs", type=int, default=3, help="best of this many inside a round")
+    ab.add_argument("--rounds", type=int, default=7, help="pairs per figure")
     ab.add_argument("--prompt-len", type=int, default=512)
     ab.add_argument("--decode-tokens", type=int, default=64)
     ab.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])

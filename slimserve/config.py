@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,12 @@ def num_threads_from_env() -> int | None:
 def native_kernels_from_env() -> bool:
     """SLIMSERVE_NATIVE_KERNELS=0 keeps every step on the PyTorch paths (slimserve/kernels)."""
     return os.environ.get("SLIMSERVE_NATIVE_KERNELS", "1").lower() not in ("0", "false", "no")
+
+
+def kernel_flags_from_env() -> list[str]:
+    """SLIMSERVE_KERNEL_FLAGS: extra compiler flags for the native kernels, e.g. "-DNO_ZMM" to
+    run the 256-bit paths on a CPU with AVX-512 (A/B benchmarks across processes)."""
+    return shlex.split(os.environ.get("SLIMSERVE_KERNEL_FLAGS", ""))
 
 
 def cache_dir_from_env() -> Path:

@@ -82,6 +82,19 @@ def attention_op(shapes, kv_dtype: str, runs: int = 50, Hkv=3, G=3, D=64, bs=16)
 # The default model's layer linears, (out, in): qkv, o, gate/up and down.
 INT4_SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 AVX2_ONLY = ["-mno-avx512vnni", "-mno-avxvnni"]
+VNNI256_ONLY = ["-DNO_ZMM"]
+# The instruction each matmul path multiplies with, as kernels.peak_macs_per_s names it.
+PATH_PEAK = {"vnni512": "int8_vnni512", "vnni256": "int8_vnni256", "avx2": "int8_avx2"}
+
+
+def path_peaks(num_threads: int) -> dict[str, float]:
+    """Measured multiply-adds per second of each matmul path's instruction (where present)."""
+    out = {}
+    for path, kind in PATH_PEAK.items():
+        v = kernels.peak_macs_per_s(kind, num_threads)
+        if v:
+            out[path] = v
+    return out
 
 
 def _pytorch_int4(lin, x):
@@ -89,13 +102,17 @@ def _pytorch_int4(lin, x):
         return lin(x)
 
 
-def int4_op(rows_list, runs: int = 40) -> list[dict]:
+def int4_op(rows_list, runs: int = 40, peaks: dict[str, float] | None = None) -> list[dict]:
     """The int4 x int8 kernel vs PyTorch's int4 kernel (bf16 activations) on the default model's
-    layer shapes, in equivalent GFLOP/s; with the kernels' AVX2 path as a third column where the
-    CPU has VNNI (the default build then uses it)."""
+    layer shapes, in equivalent GFLOP/s; with the kernels' narrower paths as further columns where
+    the CPU has more (a build held to 256-bit VNNI, one without VNNI: the AVX2 path). With
+    `peaks` (path_peaks), each path's figure also as a fraction of its instruction's peak."""
     from slimserve.quant.int4 import Int4Linear, quantize_int4
 
-    avx2 = kernels.load_variant(AVX2_ONLY)
+    native = kernels.matmul_path()
+    others = {"avx2": kernels.load_variant(AVX2_ONLY)}
+    if native == "vnni512":
+        others["vnni256"] = kernels.load_variant(VNNI256_ONLY)
     g = torch.Generator().manual_seed(0)
     out = []
     for name, (N, K) in INT4_SHAPES.items():
@@ -108,19 +125,42 @@ def int4_op(rows_list, runs: int = 40) -> list[dict]:
             native_us, pytorch_us = _alternate(
                 partial(kernels.int4_matmul, x, *args), partial(_pytorch_int4, lin, x), n
             )
-            avx2_us = _best_us(partial(kernels.int4_matmul, x, *args, None, avx2), n)
             gflop = 2 * M * N * K / 1e3  # per microsecond -> GFLOP/s
-            out.append(
-                {
-                    "layer": name,
-                    "rows": M,
-                    "native_gflops": gflop / native_us,
-                    "avx2_gflops": gflop / avx2_us,
-                    "pytorch_gflops": gflop / pytorch_us,
-                    "speedup": pytorch_us / native_us,
-                }
-            )
+            row = {
+                "layer": name,
+                "rows": M,
+                "native_path": native,
+                "native_gflops": gflop / native_us,
+                "pytorch_gflops": gflop / pytorch_us,
+                "speedup": pytorch_us / native_us,
+            }
+            for path, lib in others.items():
+                us = _best_us(partial(kernels.int4_matmul, x, *args, None, lib), n)
+                row[f"{path}_gflops"] = gflop / us
+            if peaks:  # GFLOP/s are 2 per multiply-add
+                for path, col in ((native, "native"), *((p, p) for p in others)):
+                    if path in peaks:
+                        row[f"{col}_of_peak"] = row[f"{col}_gflops"] * 1e9 / (2 * peaks[path])
+            out.append(row)
     return out
+
+
+def print_int4_op(rows: list[dict]) -> None:
+    paths = [p for p in ("vnni256", "avx2") if f"{p}_gflops" in rows[0]]
+    print(
+        f"int4 matmul (equivalent GFLOP/s; % of the path's peak): layer rows "
+        f"native ({rows[0]['native_path']}) {' '.join(paths)} pytorch speedup"
+    )
+    for r in rows:
+        cols = [("native", r["native_gflops"])] + [(p, r[f"{p}_gflops"]) for p in paths]
+        cells = " ".join(
+            f"{v:7.1f}" + (f" ({100 * r[f'{c}_of_peak']:3.0f}%)" if f"{c}_of_peak" in r else "")
+            for c, v in cols
+        )
+        print(
+            f"  {r['layer']:>8} {r['rows']:>4} {cells} {r['pytorch_gflops']:7.1f}"
+            f" {r['speedup']:6.2f}x"
+        )
 
 
 # End-to-end variants: what is turned off for each.
@@ -184,12 +224,7 @@ def run_kernels(args) -> None:
             f" {r['speedup']:6.2f}x"
         )
     result["int4_op"] = int4_op([1, 8, 32, 256])
-    print("int4 matmul (equivalent GFLOP/s): layer rows native avx2-path pytorch speedup")
-    for r in result["int4_op"]:
-        print(
-            f"  {r['layer']:>8} {r['rows']:>4} {r['native_gflops']:7.1f} {r['avx2_gflops']:7.1f}"
-            f" {r['pytorch_gflops']:7.1f} {r['speedup']:6.2f}x"
-        )
+    print_int4_op(result["int4_op"])
     llm = make_llm(args, progress=False)
     result["end_to_end"] = end_to_end(llm, args.batch, args.decode_tokens, args.rounds)
     print("greedy decode (tok/s): batch native without-step pytorch speedup step-speedup")

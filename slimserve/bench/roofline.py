@@ -86,6 +86,16 @@ def run_roofline(args) -> dict:
         "int8_weight_gflops_m1": int8_gflops(1),
         "int8_weight_gflops_m64": int8_gflops(64),
     }
+    from slimserve import kernels
+    from slimserve.bench.kernels import path_peaks
+
+    threads = torch.get_num_threads()
+    for kind in kernels.PEAK_KINDS:  # None where this CPU or build lacks the instruction
+        v = kernels.peak_macs_per_s(kind, threads)
+        limits[f"{kind}_gmacs"] = v / 1e9 if v else None
+    path = kernels.matmul_path()
+    peaks = path_peaks(threads)
+    limits["matmul_path"] = path
     costs = model_costs(model)
     costs["decode_bytes_per_token"] = decode_bytes_per_step(
         model, 0, kv_bytes_per_token(model.config, llm.engine.config.cache.dtype)
@@ -100,6 +110,15 @@ def run_roofline(args) -> dict:
         f"{limits['int8_weight_gflops_m64']:.1f} (M=64)"
     )
     print(
+        "arithmetic peaks (G multiply-adds/s): "
+        + ", ".join(
+            f"{k} {limits[f'{k}_gmacs']:.0f}"
+            for k in kernels.PEAK_KINDS
+            if limits[f"{k}_gmacs"] is not None
+        )
+        + f"; the int4/int8 matmuls run {path}"
+    )
+    print(
         f"model: {costs['flops_per_token'] / 1e9:.3f} GFLOP/token, "
         f"{costs['decode_bytes_per_token'] / 1e6:.0f} MB read per batch-1 decode step, "
         f"{costs['kv_bytes_per_token'] / 1e3:.1f} KB of KV per token"
@@ -109,6 +128,16 @@ def run_roofline(args) -> dict:
         f" tok/s (compute), batch-1 decode "
         f"{bw / costs['decode_bytes_per_token']:.0f} tok/s (bandwidth)"
     )
+    if path in peaks:
+        print(
+            f"prefill ceiling on the {path} matmuls' peak: "
+            f"{2 * peaks[path] / costs['flops_per_token']:.0f} tok/s of weight math"
+        )
+    if args.kernel_table:
+        from slimserve.bench.kernels import int4_op, print_int4_op
+
+        result["int4_op"] = int4_op([8, 32, 128, 512], runs=10, peaks=peaks)
+        print_int4_op(result["int4_op"])
     if args.latency:
         with open(args.latency) as f:
             lat = json.load(f)
@@ -118,11 +147,21 @@ def run_roofline(args) -> dict:
             / (limits["fp32_gemm_gflops_m512"] * 1e9),
             "decode_of_bandwidth_limit": lat["decode_tok_s"] * costs["decode_bytes_per_token"] / bw,
         }
+        if path in peaks:  # the linears run int8 multiply-adds on this path
+            fractions["prefill_of_matmul_peak"] = (
+                lat["prefill_tok_s"] * costs["flops_per_token"] / (2 * peaks[path])
+            )
         result["fractions"] = fractions
         print(
             f"measured ({args.latency}): prefill at "
-            f"{100 * fractions['prefill_of_compute_limit']:.0f}% of the compute limit, decode at "
-            f"{100 * fractions['decode_of_bandwidth_limit']:.0f}% of the bandwidth limit"
+            f"{100 * fractions['prefill_of_compute_limit']:.0f}% of the fp32 GEMM limit"
+            + (
+                f" ({100 * fractions['prefill_of_matmul_peak']:.0f}% of the {path} peak)"
+                if "prefill_of_matmul_peak" in fractions
+                else ""
+            )
+            + f", decode at {100 * fractions['decode_of_bandwidth_limit']:.0f}% of the "
+            "bandwidth limit"
         )
     if args.output:
         with open(args.output, "w") as f:

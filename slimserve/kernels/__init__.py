@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from slimserve.config import native_kernels_from_env
+from slimserve.config import kernel_flags_from_env, native_kernels_from_env
 from slimserve.kernels.build import FLAGS, build
 from slimserve.kernels.select import chosen, select, without
 
@@ -36,7 +36,7 @@ def _load() -> ctypes.CDLL | None:
     if not native_kernels_from_env():
         return None
     try:
-        lib = _bind(ctypes.CDLL(str(build())))
+        lib = _bind(ctypes.CDLL(str(build([*FLAGS, *kernel_flags_from_env()]))))
     except (OSError, RuntimeError) as e:
         logger.warning("native kernels unavailable, using the PyTorch paths: %s", e)
         return None
@@ -94,7 +94,39 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.decode_layers
     fn.argtypes = [p, p, i64, p, p, i64]
     fn.restype = ctypes.c_int
+    lib.peak_macs.argtypes, lib.peak_macs.restype = [i64, i64, i64], i64
+    lib.matmul_path.argtypes, lib.matmul_path.restype = [], i64
     return lib
+
+
+MATMUL_PATHS = ("none", "avx2", "vnni256", "vnni512")
+PEAK_KINDS = {"fp32_fma256": 0, "fp32_fma512": 1, "int8_vnni256": 2, "int8_vnni512": 3,
+              "bf16_dot512": 4, "int8_avx2": 5}  # fmt: skip
+
+
+def matmul_path(lib: ctypes.CDLL | None = None) -> str:
+    """Which int4/int8 matmul path the library (the loaded one by default) runs, from the
+    features it was compiled for: vnni512, vnni256, avx2 or none."""
+    lib = lib or _load()
+    return MATMUL_PATHS[lib.matmul_path()] if lib is not None else "none"
+
+
+def peak_macs_per_s(kind: str, num_threads: int, runs: int = 3) -> float | None:
+    """Measured multiply-adds per second of one instruction kind (PEAK_KINDS) on num_threads
+    threads, best of `runs`; None where the CPU or build lacks it."""
+    import time
+
+    lib = _load()
+    if lib is None:
+        return None
+    iters, best = 2_000_000, 0.0
+    for _ in range(runs):
+        t = time.perf_counter()
+        done = lib.peak_macs(PEAK_KINDS[kind], iters, num_threads)
+        if done < 0:
+            return None
+        best = max(best, done / (time.perf_counter() - t))
+    return best
 
 
 def load_variant(extra_flags: list[str]) -> ctypes.CDLL:
@@ -329,7 +361,9 @@ __all__ = [
     "int8_matmul",
     "int8_rows",
     "load_variant",
+    "matmul_path",
     "paged_decode_attention",
+    "peak_macs_per_s",
     "rope_",
     "row_kind",
     "select",

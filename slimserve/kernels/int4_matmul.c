@@ -29,6 +29,7 @@
    Returns 0, or -1 when the shape is outside what the kernel takes (the caller falls back).
 */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -323,14 +324,22 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
                            int64_t ldy, const int eight) {
     int64_t Kp = w->doubled ? 2 * w->K : w->K, Kx = int4_inputs(w), nb = Kx / QB;
     int64_t n_pad = w->n_pad, group = w->group, g0 = eight ? Kx : 0;
-    int64_t passes = (M + ZROWS - 1) / ZROWS, items = n_pad / TILE * passes;
+    /* Passes of fewer rows where the (tile, pass) items would split unevenly over the threads
+       (the 9 tiles of a 576-row output at 64 rows: 5 against 4): rows are independent, so the
+       split changes no bit. */
+    const int64_t tiles = n_pad / TILE, nt = omp_get_num_threads();
+    int64_t passes = (M + ZROWS - 1) / ZROWS;
+    while ((tiles * passes) % nt && tiles * passes < 8 * nt && M / (passes + 1) >= 16) passes++;
+    const int64_t per = ((M + passes - 1) / passes + ZR - 1) / ZR * ZR; /* <= ZROWS */
+    passes = (M + per - 1) / per;
+    const int64_t items = tiles * passes;
     const __m512i idx[2] = {zindex(0), zindex(1)};
     const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
     /* (tile, pass) items, so that a few tiles of many rows still split evenly over threads */
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; it++) {
-        const int64_t t = it / passes, m0 = it % passes * ZROWS;
-        const int64_t mr = M - m0 < ZROWS ? M - m0 : ZROWS;
+        const int64_t t = it / passes, m0 = it % passes * per;
+        const int64_t mr = M - m0 < per ? M - m0 : per;
         const uint8_t *wt = w->packed + t * Kp * (TILE / 2);
         const uint16_t *sz_t = w->sz + t * TILE * 2;
         float acc[ZROWS * TILE] __attribute__((aligned(64)));

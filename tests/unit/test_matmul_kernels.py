@@ -259,3 +259,32 @@ def test_int8_layout_refuses_code_minus_128():
     assert Int8Linear.takes(q, d) == kernels.int8_built()
     q[3, 5] = -128
     assert not Int8Linear.takes(q, d)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_matmul_path_follows_the_cpu_and_the_build():
+    """The library runs the widest path the CPU it was built on has (it is compiled there with
+    -march=native); -DNO_ZMM and -mno-avx512vnni builds step down to 256-bit VNNI and AVX2."""
+    flags = _cpu_flags()
+    if "avx2" not in flags:
+        pytest.skip("x86 with AVX2: the int4/int8 matmul paths")
+    has512 = {"avx512_vnni", "avx512vbmi", "avx512bw"} <= flags
+    has_vnni = "avx512_vnni" in flags or "avx_vnni" in flags
+    expected = "vnni512" if has512 else "vnni256" if has_vnni else "avx2"
+    assert kernels.matmul_path() == expected
+    if has_vnni:
+        assert kernels.matmul_path(_variant(VARIANTS["vnni256"])) == "vnni256"
+        assert kernels.matmul_path(_variant(VARIANTS["avx2"])) == "avx2"
+    # The peaks bench roofline rates the paths by: measured where the instruction is there.
+    assert kernels.peak_macs_per_s("fp32_fma256", 1, runs=1) > 0
+    assert (kernels.peak_macs_per_s("int8_vnni512", 1, runs=1) is not None) == has512
