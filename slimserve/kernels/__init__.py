@@ -99,36 +99,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-MATMUL_PATHS = ("none", "avx2", "vnni256", "vnni512")
-PEAK_KINDS = {"fp32_fma256": 0, "fp32_fma512": 1, "int8_vnni256": 2, "int8_vnni512": 3,
-              "bf16_dot512": 4, "int8_avx2": 5}  # fmt: skip
-
-
-def matmul_path(lib: ctypes.CDLL | None = None) -> str:
-    """Which int4/int8 matmul path the library (the loaded one by default) runs, from the
-    features it was compiled for: vnni512, vnni256, avx2 or none."""
-    lib = lib or _load()
-    return MATMUL_PATHS[lib.matmul_path()] if lib is not None else "none"
-
-
-def peak_macs_per_s(kind: str, num_threads: int, runs: int = 3) -> float | None:
-    """Measured multiply-adds per second of one instruction kind (PEAK_KINDS) on num_threads
-    threads, best of `runs`; None where the CPU or build lacks it."""
-    import time
-
-    lib = _load()
-    if lib is None:
-        return None
-    iters, best = 2_000_000, 0.0
-    for _ in range(runs):
-        t = time.perf_counter()
-        done = lib.peak_macs(PEAK_KINDS[kind], iters, num_threads)
-        if done < 0:
-            return None
-        best = max(best, done / (time.perf_counter() - t))
-    return best
-
-
 def load_variant(extra_flags: list[str]) -> ctypes.CDLL:
     """A separate copy of the kernels built with extra compiler flags, e.g. `-mno-avx512vnni
     -mno-avxvnni` to run the AVX2 code paths on a CPU that has more: for tests."""
@@ -346,9 +316,11 @@ from slimserve.kernels.matmul import (  # noqa: E402
     int8_matmul,
     int8_rows,
 )
+from slimserve.kernels.peaks import PEAK_KINDS, matmul_path, peak_macs_per_s  # noqa: E402
 
 __all__ = [
     "KERNELS",
+    "PEAK_KINDS",
     "add_rms_norm",
     "available",
     "chosen",

@@ -355,10 +355,14 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
                         (const char *)(sz_t + ((g0 + (j + SZ_AHEAD) * QB) / group) * n_pad * 2);
                     for (int l = 0; l < 4; l++) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
                 }
-                if (ZFETCH)
-                    for (int l = 0; l < (eight ? 32 : 16); l++)
-                        _mm_prefetch((const char *)(wt + j * QB * (TILE / 2) + ZFETCH + 64 * l),
-                                     _MM_HINT_T0);
+                for (int l = 0; ZFETCH && l < 16; l++) { /* a block's codes: 1 KB (per half) */
+                    _mm_prefetch((const char *)(wt + j * QB * (TILE / 2) + ZFETCH + 64 * l),
+                                 _MM_HINT_T0);
+                    if (eight) /* the lo halves, K' / 2 inputs on */
+                        _mm_prefetch(
+                            (const char *)(wt + (Kx + j * QB) * (TILE / 2) + ZFETCH + 64 * l),
+                            _MM_HINT_T0);
+                }
             }
             for (int g = 0; g < 4; g++) {
                 __m512i W[8];
