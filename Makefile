@@ -23,7 +23,7 @@ run: setup
 
 test: setup
 	$(VENV)/bin/ruff check slimserve tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check slimserve tests

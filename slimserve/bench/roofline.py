@@ -125,7 +125,7 @@ def run_roofline(args) -> dict:
     )
     print(
         f"ceilings: prefill {limits['fp32_gemm_gflops_m512'] * 1e9 / costs['flops_per_token']:.0f}"
-        f" tok/s (compute), batch-1 decode "
+        f" tok/s (at fp32 GEMM speed), batch-1 decode "
         f"{bw / costs['decode_bytes_per_token']:.0f} tok/s (bandwidth)"
     )
     if path in peaks:
