@@ -375,27 +375,13 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
                 __m512i pr = _mm512_loadu_si512(szj + 32 * g);
                 __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
                 __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pr, hi16));
-                float *ag = acc + 16 * g;
-                int64_t m = 0;
-                if (eight) {
-                    for (; m + ZR <= mr; m += ZR)
-                        zrows(W, sc, z, q + m * Kx, Kx, d + m * nb, c + m * nb, nb, ZR, 1, ag + m * TILE);
-                    for (; m < mr; m++)
-                        zrows(W, sc, z, q + m * Kx, Kx, d + m * nb, c + m * nb, nb, 1, 1, ag + m * TILE);
-                } else {
-                    for (; m + ZR <= mr; m += ZR)
-                        zrows(W, sc, z, q + m * Kx, Kx, d + m * nb, c + m * nb, nb, ZR, 0, ag + m * TILE);
-                    for (; m < mr; m++)
-                        zrows(W, sc, z, q + m * Kx, Kx, d + m * nb, c + m * nb, nb, 1, 0, ag + m * TILE);
-                }
+                if (eight) /* a constant at each call: the row sums stay in registers */
+                    zpass(W, sc, z, q, Kx, d, c, nb, mr, 1, acc + 16 * g);
+                else
+                    zpass(W, sc, z, q, Kx, d, c, nb, mr, 0, acc + 16 * g);
             }
         }
-        for (int64_t m = 0; m < mr; m++) {
-            float *yr = y + (m0 + m) * ldy + t * TILE;
-            int64_t n = w->n_out - t * TILE < TILE ? w->n_out - t * TILE : TILE;
-            for (int64_t i = 0; i < n; i++)
-                yr[i] = acc[m * TILE + i] + (w->bias ? w->bias[t * TILE + i] : 0.f);
-        }
+        zstore(acc, mr, y + m0 * ldy, ldy, t * TILE, w->n_out, w->bias);
     }
 }
 #endif

@@ -126,19 +126,10 @@ static void tiles8_zmm(const uint8_t *codes, const uint16_t *scales, int64_t n_p
                 __m512 sc = _mm512_cvtph_ps(
                     _mm256_loadu_si256((const __m256i *)(scales + j * n_pad + t * TILE + 16 * g)));
                 __m512 z = _mm512_setzero_ps();
-                float *ag = acc + 16 * g;
-                int64_t m = 0;
-                for (; m + ZR <= mr; m += ZR)
-                    zrows(W, sc, z, q + m * K, K, d + m * nb, c + m * nb, nb, ZR, 1, ag + m * TILE);
-                for (; m < mr; m++)
-                    zrows(W, sc, z, q + m * K, K, d + m * nb, c + m * nb, nb, 1, 1, ag + m * TILE);
+                zpass(W, sc, z, q, K, d, c, nb, mr, 1, acc + 16 * g);
             }
         }
-        int64_t n = n_out - t * TILE < TILE ? n_out - t * TILE : TILE;
-        for (int64_t m = 0; m < mr; m++)
-            for (int64_t i = 0; i < n; i++)
-                y[(m0 + m) * ldy + t * TILE + i] =
-                    acc[m * TILE + i] + (bias ? bias[t * TILE + i] : 0.f);
+        zstore(acc, mr, y + m0 * ldy, ldy, t * TILE, n_out, bias);
     }
 }
 #endif

@@ -190,6 +190,30 @@ static inline __attribute__((always_inline)) void zrows(
 }
 #endif
 
+#ifdef HAVE_ZMM
+/* Every row of a pass (mr rows, their sums TILE floats apart at acc) over one block of one group:
+   ZR rows a step, then the rest one at a time. */
+static inline __attribute__((always_inline)) void zpass(
+    const __m512i W[8], __m512 sc, __m512 z, const int8_t *xq, int64_t Kx, const float *xd,
+    const int32_t *xs, int64_t nb, int64_t mr, const int EIGHT, float *acc) {
+    int64_t m = 0;
+    for (; m + ZR <= mr; m += ZR)
+        zrows(W, sc, z, xq + m * Kx, Kx, xd + m * nb, xs + m * nb, nb, ZR, EIGHT, acc + m * TILE);
+    for (; m < mr; m++)
+        zrows(W, sc, z, xq + m * Kx, Kx, xd + m * nb, xs + m * nb, nb, 1, EIGHT, acc + m * TILE);
+}
+
+/* A pass's sums (mr rows of TILE at acc, + bias) to rows m0 .. of y at columns n0 ..,
+   skipping columns past n_out (the padding). */
+static inline void zstore(const float *acc, int64_t mr, float *y, int64_t ldy, int64_t n0,
+                          int64_t n_out, const float *bias) {
+    const int64_t n = n_out - n0 < TILE ? n_out - n0 : TILE;
+    for (int64_t m = 0; m < mr; m++)
+        for (int64_t i = 0; i < n; i++)
+            y[m * ldy + n0 + i] = acc[m * TILE + i] + (bias ? bias[n0 + i] : 0.f);
+}
+#endif
+
 /* A tile's 64 sums (+ bias) to y[n0 ..], skipping rows past n_out (the padding). */
 static inline void store_rows(const __m256 acc[8], float *y, int64_t n0, int64_t n_out,
                               const float *bias) {
