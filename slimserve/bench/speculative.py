@@ -97,7 +97,7 @@ def batch1(engine, prompts, methods, params, rounds: int, fresh) -> dict:
     """Each prompt alone, every method in turn; decode tok/s per method summed over prompts."""
     acc = {m: {"decode_s": 0.0, "decode_tokens": 0, "drafts": 0, "accepted": 0, "verifies": 0}
            for m in methods}  # fmt: skip
-    mismatches = []
+    mismatches, outputs, costs = [], {}, []
     for _ in range(rounds):
         specs = {m: fresh(m) for m in methods}
         for name, ids in prompts:
@@ -117,6 +117,8 @@ def batch1(engine, prompts, methods, params, rounds: int, fresh) -> dict:
                 ref = ref if ref is not None else r["token_ids"][0]
                 if r["token_ids"][0] != ref:
                     mismatches.append((name, m))
+            outputs[name] = ref
+        costs = [s.cost.fit() for s in specs.values() if s is not None]
     engine.speculator = None
     out = {}
     for m, a in acc.items():
@@ -128,7 +130,46 @@ def batch1(engine, prompts, methods, params, rounds: int, fresh) -> dict:
             "mean_accepted_length": 1 + a["accepted"] / a["verifies"] if a["verifies"] else None,
         }
         out[m]["speedup"] = out[m]["decode_tok_s"] / out["off"]["decode_tok_s"]
-    return {"methods": out, "mismatches": mismatches}
+    result = {"methods": out, "mismatches": mismatches}
+    if costs:
+        a, b = costs[-1]
+        cap = max((s.max_tokens for s in specs.values() if s is not None), default=16)
+        ceiling = lookup_ceiling(dict(prompts), outputs, a, b, cap)
+        result["lookup_ceiling"] = {"speedup": ceiling, "step_s": a, "row_s": b, "cap": cap}
+    return result
+
+
+def lookup_ceiling(
+    prompts: dict[str, list[int]], outputs: dict[str, list[int]], a: float, b: float, cap: int
+) -> float:
+    """The speedup of drafting from the text a request has seen (its prompt and its output so
+    far) if every draft were right: an oracle that knows the output drafts, at each step, the
+    longest stretch of what follows that occurs in that text (up to `cap`), and nothing when
+    none does. Steps cost `a + b * rows` (the engine's fitted step cost), so this is the bound
+    any lookup proposer's figure on these prompts has, whatever its policy."""
+    plain = spec = 0.0
+    for name, out in outputs.items():
+        src = list(prompts[name])
+        at: dict[int, list[int]] = {}
+        for j, t in enumerate(src):
+            at.setdefault(t, []).append(j)
+        i = 1
+        src.append(out[0])
+        at.setdefault(out[0], []).append(len(src) - 1)
+        while i < len(out):
+            k = 0
+            for j in at.get(out[i], ()):
+                n, most = 0, min(cap, len(out) - i, len(src) - j)
+                while n < most and src[j + n] == out[i + n]:
+                    n += 1
+                k = max(k, n)
+            spec += a + b * (1 + k)
+            for t in out[i : i + k + 1]:
+                at.setdefault(t, []).append(len(src))
+                src.append(t)
+            i += k + 1
+        plain += (len(out) - 1) * (a + b)
+    return plain / spec if spec else 1.0
 
 
 def serving(engine, prompts, methods, params, concurrency: list[int], fresh) -> dict:
@@ -201,6 +242,11 @@ def run_spec(args) -> None:
             mal = f"{v['mean_accepted_length']:.2f}" if v["mean_accepted_length"] else "-"
             print(f"  {m:7s} {v['decode_tok_s']:7.1f} tok/s  {v['speedup']:.2f}x  "
                   f"acceptance {acc}  mean accepted length {mal}")  # fmt: skip
+        if "lookup_ceiling" in r:
+            c = r["lookup_ceiling"]
+            print(f"  ceiling of any lookup proposer on these outputs (every draft right, steps "
+                  f"{1000 * c['step_s']:.2f} ms + {1000 * c['row_s']:.2f} ms a row): "
+                  f"{c['speedup']:.2f}x")  # fmt: skip
         if r["mismatches"]:
             print(f"  OUTPUT DIFFERS from plain decoding: {r['mismatches']}")
     if args.concurrency:

@@ -166,7 +166,10 @@ static inline __attribute__((always_inline)) void zrows(
     /* ZR / R chains a row (integer sums: their order does not change the bits) */
     const int P = ZR / R;
     __m512i s[ZR];
-    UNROLL(4) for (int i = 0; i < ZR; i++) s[i] = _mm512_setzero_si512();
+    /* a row's first chain starts at -o c, so that it ends at S - o c (integers: exact) */
+    UNROLL(4) for (int i = 0; i < ZR; i++)
+        s[i] = i % P ? _mm512_setzero_si512()
+                     : _mm512_set1_epi32(-(EIGHT ? 128 : 8) * xs[i / P * nb]);
     UNROLL(8) for (int qd = 0; qd < 8; qd++)
         UNROLL(4) for (int m = 0; m < R; m++) {
             int32_t xx;
@@ -180,9 +183,7 @@ static inline __attribute__((always_inline)) void zrows(
     UNROLL(4) for (int m = 0; m < R; m++) {
         float d = xd[m * nb];
         int32_t c = xs[m * nb];
-        __m512 f = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_sub_epi32(s[m], _mm512_set1_epi32((EIGHT ? 128 : 8) * c))),
-            _mm512_set1_ps(d));
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s[m]), _mm512_set1_ps(d));
         __m512 a = _mm512_load_ps(acc + m * TILE);
         if (!EIGHT) a = _mm512_fmadd_ps(z, _mm512_set1_ps(d * (float)c), a);
         _mm512_store_ps(acc + m * TILE, _mm512_fmadd_ps(sc, f, a));

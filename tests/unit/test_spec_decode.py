@@ -188,3 +188,20 @@ def test_speculative_config_is_checked():
         SpeculativeConfig("suffix", num_tokens=0)
     with pytest.raises(InvalidRequest, match="draft model"):
         SpeculativeConfig("draft")
+
+
+def test_the_lookup_ceiling_counts_the_steps_of_an_oracle():
+    from slimserve.bench.speculative import lookup_ceiling
+
+    prompts = {"copy": list(range(100)), "new": list(range(100))}
+    # 35 tokens to decode after the first, each a copy: 16 drafts a step, then one left
+    copy = {"copy": list(range(5, 41))}
+    assert lookup_ceiling(prompts, copy, 1.0, 0.0, 16) == pytest.approx(35 / 3)
+    assert lookup_ceiling(prompts, copy, 1.0, 0.5, 16) == pytest.approx(
+        35 * 1.5 / (2 * (1 + 17 * 0.5) + (1 + 2 * 0.5))
+    )
+    fresh = {"new": list(range(200, 240))}  # nothing to copy: no drafts, no gain
+    assert lookup_ceiling(prompts, fresh, 1.0, 0.5, 16) == pytest.approx(1.0)
+    # an output that repeats itself is copied from its own earlier tokens
+    again = {"new": [300, 301, 302, 303] * 5}
+    assert lookup_ceiling(prompts, again, 1.0, 0.0, 16) > 3
