@@ -14,7 +14,29 @@ from slimserve.config import cache_dir_from_env
 
 SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # built together into one library
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+
+
+def _vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def tuning_flags(vendor: str) -> list[str]:
+    """Cut-overs between the 256-bit paths and the 512-bit tiles, measured per CPU maker (both
+    give the same bits, so only speed moves; docs/benchmarks.md). On AMD's Zen 4 the int4 tiles
+    win from 5 rows (1.08-1.14x at 5-7), where on Intel's the 256-bit path led up to 7, and the
+    8-bit head's 256-bit path stays ahead up to 12 rows (1.18x at 8, tied at 12, behind at 16)."""
+    return ["-DZMIN=5", "-DZMIN8=12"] if vendor == "AuthenticAMD" else []
+
+
+FLAGS = [
+    "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99", *tuning_flags(_vendor())
+]  # fmt: skip
 
 
 def _cpu_tag() -> str:

@@ -240,3 +240,11 @@ def test_decode_kernel_limits_match_the_c_buffers():
         q, cache, cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([16]), 16, 0.1
     )
     assert torch.isfinite(out).all()
+
+
+def test_cut_overs_are_tuned_per_cpu_maker():
+    from slimserve.kernels.build import FLAGS, _vendor, tuning_flags
+
+    assert tuning_flags("AuthenticAMD") == ["-DZMIN=5", "-DZMIN8=12"]
+    assert tuning_flags("GenuineIntel") == [] and tuning_flags("") == []
+    assert all(f in FLAGS for f in tuning_flags(_vendor()))
