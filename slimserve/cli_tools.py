@@ -30,6 +30,7 @@ def cmd_bench(args) -> int:
         "moe": ("moe", "run_moe"),
         "scaleout": ("scaleout", "run_scaleout"),
         "ab": ("ab", "run_ab"),
+        "cutover": ("cutover", "run_cutover"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -206,6 +207,11 @@ def add_tool_parsers(sub) -> None:
     ker.add_argument("--rounds", type=int, default=3)
     ker.add_argument("--output", default=None, help="write results as JSON here")
     add_engine_args(ker)
+    cut = bsub.add_parser("cutover", help="where the 512-bit tiles overtake the 256-bit paths")
+    cut.add_argument("--rows", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8, 12, 16])
+    cut.add_argument("--rounds", type=int, default=11)
+    cut.add_argument("--output", default=None, help="write results as JSON here")
+    add_engine_args(cut)
     inv = bsub.add_parser(
         "invariance", help="batch-invariant attention against SDPA chunks + cascade, A/B"
     )

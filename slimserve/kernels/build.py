@@ -27,11 +27,12 @@ def _vendor() -> str:
 
 
 def tuning_flags(vendor: str) -> list[str]:
-    """Cut-overs between the 256-bit paths and the 512-bit tiles, measured per CPU maker (both
-    give the same bits, so only speed moves; docs/benchmarks.md). On AMD's Zen 4 the int4 tiles
-    win from 5 rows (1.08-1.14x at 5-7), where on Intel's the 256-bit path led up to 7, and the
-    8-bit head's 256-bit path stays ahead up to 12 rows (1.18x at 8, tied at 12, behind at 16)."""
-    return ["-DZMIN=5", "-DZMIN8=12"] if vendor == "AuthenticAMD" else []
+    """Cut-overs between the 256-bit paths and the 512-bit tiles, measured per CPU maker with
+    `slimserve bench cutover` (both give the same bits, so only speed moves; docs/benchmarks.md).
+    On AMD's Zen 4 the int4 tiles win from 3 rows (1.08x at 3, 1.14x at 4), where on Intel's the
+    256-bit path led up to 7, and the 8-bit head's 256-bit path stays ahead up to 12 rows (1.2x
+    at 8, 0.97 at 12, behind from 16)."""
+    return ["-DZMIN=3", "-DZMIN8=14"] if vendor == "AuthenticAMD" else []
 
 
 FLAGS = [

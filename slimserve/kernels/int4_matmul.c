@@ -286,7 +286,7 @@ static inline int reads_eight_bit(const Int4Weight *w) {
 /* Below this many rows the 256-bit path runs: with few rows the product is bound by streaming
    the weights from memory, and there it measured faster (1.2x at 4 rows, even at 6; the 512-bit
    tiles 1.05-1.2x at 8 and 1.25-1.35x at 12, weights streamed from memory, 2 threads, Intel;
-   AMD's Zen 4 takes the tiles from 5 rows: build.py's tuning_flags). */
+   AMD's Zen 4 takes the tiles from 3 rows: build.py's tuning_flags). */
 #ifndef ZMIN
 #define ZMIN 8
 #endif

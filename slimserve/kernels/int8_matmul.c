@@ -98,7 +98,7 @@ static inline __attribute__((always_inline)) void tile_rows8(
 #define ZROWS8 64
 #endif
 #ifndef ZMIN8
-#define ZMIN8 8 /* below it the 256-bit path, which streams the head faster (build.py: AMD 12) */
+#define ZMIN8 8 /* below it the 256-bit path, which streams the head faster (build.py: AMD 14) */
 #endif
 static void tiles8_zmm(const uint8_t *codes, const uint16_t *scales, int64_t n_pad, int64_t K,
                        int64_t M, const int8_t *xq, const float *xd, const int32_t *xs,

@@ -245,6 +245,6 @@ def test_decode_kernel_limits_match_the_c_buffers():
 def test_cut_overs_are_tuned_per_cpu_maker():
     from slimserve.kernels.build import FLAGS, _vendor, tuning_flags
 
-    assert tuning_flags("AuthenticAMD") == ["-DZMIN=5", "-DZMIN8=12"]
+    assert tuning_flags("AuthenticAMD") == ["-DZMIN=3", "-DZMIN8=14"]
     assert tuning_flags("GenuineIntel") == [] and tuning_flags("") == []
     assert all(f in FLAGS for f in tuning_flags(_vendor()))

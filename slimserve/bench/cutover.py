@@ -1,0 +1,92 @@
+"""`slimserve bench cutover`: where the 512-bit tiles start to beat the 256-bit paths, on this
+CPU, with the model's own weights.
+
+Both paths give the same bits, so the cut-over (`ZMIN` for the int4 matmuls, `ZMIN8` for the
+8-bit head; kernels/build.py's `tuning_flags`) is a matter of speed alone, and it moves with the
+CPU. Two builds are loaded into this one process: one held to the 256-bit paths (`-DNO_ZMM`) and
+one that takes the tiles at any row count. For each row count, a sweep calls every int4 matmul
+of the model in turn, as a decode step does (the weights stream from memory, not from cache),
+then the 8-bit head after the caches were flushed; the builds alternate, and each figure is the
+median over rounds of the pair's ratio (256-bit time / 512-bit time: above 1, the tiles win).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from slimserve.bench.runinfo import run_info
+
+NARROW = ["-DNO_ZMM"]
+WIDE = ["-DZMIN=1", "-DZMIN8=1"]
+
+
+def _sweeps(model, lib, rows: int, flush: torch.Tensor) -> tuple[float, float]:
+    """Seconds for every int4 matmul of the model at `rows` rows, then for its 8-bit head."""
+    from slimserve.kernels.matmul import int4_matmul, int8_matmul
+    from slimserve.quant.int4 import Int4Linear
+    from slimserve.quant.int8 import Int8Linear
+
+    lins = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    heads = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    xs = {k: torch.randn(rows, k) for k in {m.in_features for m in lins + heads}}
+    t = time.perf_counter()
+    for m in lins:
+        int4_matmul(xs[m.in_features], m.packed, m.scales_zeros, m.group, m.doubled,
+                    m.out_features, m.bias, lib=lib, eight_bit=m.eight_bit)  # fmt: skip
+    t4 = time.perf_counter() - t
+    flush.add_(1.0)  # the head is read from memory, as after a step's layers
+    t = time.perf_counter()
+    for m in heads:
+        int8_matmul(xs[m.in_features], m.codes, m.scales, m.out_features, m.bias, lib=lib)
+    return t4, time.perf_counter() - t
+
+
+def cutover(model, rows_list: list[int], rounds: int) -> list[dict]:
+    from slimserve import kernels
+
+    libs = {"256": kernels.load_variant(NARROW), "512": kernels.load_variant(WIDE)}
+    flush = torch.empty(64 << 20, dtype=torch.float32)  # 256 MiB, past any last-level cache
+    times = {(p, r, w): [] for p in libs for r in rows_list for w in ("int4", "head")}
+    for i in range(rounds):
+        for rows in rows_list:
+            for path in list(libs)[:: 1 if i % 2 == 0 else -1]:
+                t4, th = _sweeps(model, libs[path], rows, flush)
+                times[(path, rows, "int4")].append(t4)
+                times[(path, rows, "head")].append(th)
+    out = []
+    for rows in rows_list:
+        row = {"rows": rows}
+        for w in ("int4", "head"):
+            narrow, wide = times[("256", rows, w)], times[("512", rows, w)]
+            row[f"{w}_256_ms"] = 1000 * statistics.median(narrow)
+            row[f"{w}_512_ms"] = 1000 * statistics.median(wide)
+            row[f"{w}_ratio"] = statistics.median(n / x for n, x in zip(narrow, wide))
+        out.append(row)
+    return out
+
+
+def run_cutover(args) -> None:
+    import json
+
+    from slimserve import kernels
+    from slimserve.cli import make_llm
+    from slimserve.kernels.peaks import matmul_path
+
+    if matmul_path() != "vnni512":
+        raise RuntimeError(f"this CPU runs the {matmul_path()} path: no 512-bit tiles here")
+    if not kernels.int8_built():
+        raise RuntimeError("the native kernels are not built here")
+    llm = make_llm(args)
+    rows = cutover(llm.engine.model, args.rows, args.rounds)
+    print("rows   int4 256-bit / 512-bit ms  ratio   head 256-bit / 512-bit ms  ratio"
+          "  (ratio > 1: the 512-bit tiles win)")  # fmt: skip
+    for r in rows:
+        print(f"{r['rows']:4d}   {r['int4_256_ms']:8.2f} {r['int4_512_ms']:8.2f}  "
+              f"{r['int4_ratio']:5.2f}x   {r['head_256_ms']:8.2f} {r['head_512_ms']:8.2f}  "
+              f"{r['head_ratio']:5.2f}x")  # fmt: skip
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({**run_info(), "rounds": args.rounds, "rows": rows}, f, indent=1)
