@@ -1,0 +1,35 @@
+"""`slimserve bench cutover` on the default model: both builds timed at each row count, and the
+same bits from both on the model's own weights (the cut-over may move only speed)."""
+
+import pytest
+import torch
+
+from slimserve import LLM, kernels
+from slimserve.bench.cutover import NARROW, WIDE, cutover
+from slimserve.kernels.peaks import matmul_path
+from slimserve.quant.int4 import Int4Linear
+
+
+@pytest.fixture(scope="module")
+def model(gguf_path):
+    if matmul_path() != "vnni512":
+        pytest.skip("no 512-bit tiles on this CPU")
+    return LLM(gguf_path, kv_cache_memory="64MiB").engine.model
+
+
+def test_cutover_times_both_paths_at_each_row_count(model):
+    rows = cutover(model, [2, 9], rounds=2)
+    assert [r["rows"] for r in rows] == [2, 9]
+    for r in rows:
+        for w in ("int4", "head"):
+            assert r[f"{w}_256_ms"] > 0 and r[f"{w}_512_ms"] > 0 and r[f"{w}_ratio"] > 0
+
+
+def test_both_builds_give_the_models_matmuls_the_same_bits(model):
+    narrow, wide = kernels.load_variant(NARROW), kernels.load_variant(WIDE)
+    lin = next(m for m in model.modules() if isinstance(m, Int4Linear))
+    x = torch.randn(5, lin.in_features)
+    args = (lin.packed, lin.scales_zeros, lin.group, lin.doubled, lin.out_features, lin.bias)
+    a = kernels.int4_matmul(x, *args, narrow, eight_bit=lin.eight_bit)
+    b = kernels.int4_matmul(x, *args, wide, eight_bit=lin.eight_bit)
+    assert torch.equal(a, b)
