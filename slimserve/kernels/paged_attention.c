@@ -405,7 +405,7 @@ static void merge_parts(const float *parts, int64_t np, int64_t Hkv, int64_t G, 
 }
 
 /* Up to this many consecutive rows of one sequence (a prompt chunk, a verify) share a tile. */
-#define TILE 8
+#define ROW_TILE 8
 
 /* Whether row e continues row e - 1's tile: the next position of the same sequence (same table,
    one more token, the same first token) with the same partitions as the tile's first row b. */
@@ -430,7 +430,7 @@ void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_
         base[b + 1] = base[b] + (row_parts(kv, b) > 1 ? row_parts(kv, b) : 0);
     /* tiles: rows tile[t] .. tile[t + 1] - 1; tile t's pieces are units first[t] .. first[t + 1] - 1
        (its partitions) */
-    const int64_t max_rows = MAX_G / G < TILE ? MAX_G / G : TILE;
+    const int64_t max_rows = MAX_G / G < ROW_TILE ? MAX_G / G : ROW_TILE;
     int64_t tile[B + 1], first[B + 1], nt = 0;
     first[0] = 0;
     for (int64_t b = 0; b < B; nt++) {
@@ -447,8 +447,8 @@ void paged_attention_part(const float *q, int64_t ldq, const PagedKV *kv, int64_
         while (first[t + 1] <= u) t++;
         const int64_t b0 = tile[t], R = tile[t + 1] - b0, part = u - first[t];
         const int64_t np = first[t + 1] - first[t], begin = begin_of(kv, b0);
-        int64_t ends[TILE];
-        float *outs[TILE], *lses[TILE];
+        int64_t ends[ROW_TILE];
+        float *outs[ROW_TILE], *lses[ROW_TILE];
         for (int64_t r = 0; r < R; r++) {
             const int64_t b = b0 + r, len = kv->lens[b];
             if (np > 1) {
