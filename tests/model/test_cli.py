@@ -151,6 +151,7 @@ def test_bench_spec_writes_json_and_generate_speculates(tmp_path):
     assert set(methods) == {"off", "ngram", "suffix"}
     assert not data["batch1_repetitive"]["mismatches"]  # every method gave plain's tokens
     assert methods["suffix"]["accepted_tokens"] > 0
+    assert data["batch1_repetitive"]["lookup_ceiling"]["speedup"] >= 1.0
     assert set(data["serving"]["2"]) == {"off", "ngram", "suffix"}
     g = slimserve("generate", "Say hello.", "--max-tokens", "8", "--speculative", "suffix")
     assert g.returncode == 0, g.stderr
