@@ -68,11 +68,23 @@ def cutover(model, rows_list: list[int], rounds: int) -> list[dict]:
     return out
 
 
+def suggested(rows: list[dict], kind: str) -> int | None:
+    """The fewest rows from which the tiles win at every measured count (None: they never do)."""
+    start = None
+    for r in sorted(rows, key=lambda r: r["rows"]):
+        if r[f"{kind}_ratio"] > 1.0:
+            start = r["rows"] if start is None else start
+        else:
+            start = None
+    return start
+
+
 def run_cutover(args) -> None:
     import json
 
     from slimserve import kernels
     from slimserve.cli import make_llm
+    from slimserve.kernels.build import FLAGS
     from slimserve.kernels.peaks import matmul_path
 
     if matmul_path() != "vnni512":
@@ -87,6 +99,11 @@ def run_cutover(args) -> None:
         print(f"{r['rows']:4d}   {r['int4_256_ms']:8.2f} {r['int4_512_ms']:8.2f}  "
               f"{r['int4_ratio']:5.2f}x   {r['head_256_ms']:8.2f} {r['head_512_ms']:8.2f}  "
               f"{r['head_ratio']:5.2f}x")  # fmt: skip
+    start = {"ZMIN": suggested(rows, "int4"), "ZMIN8": suggested(rows, "head")}
+    flags = " ".join(f"-D{k}={v if v is not None else 1 << 30}" for k, v in start.items())
+    built = " ".join(f for f in FLAGS if f.startswith("-DZMIN")) or "the defaults, 8 and 8"
+    print(f"cut-overs these figures suggest: SLIMSERVE_KERNEL_FLAGS='{flags}' (built: {built})")
     if args.output:
+        result = {**run_info(), "rounds": args.rounds, "rows": rows, "suggested": start}
         with open(args.output, "w") as f:
-            json.dump({**run_info(), "rounds": args.rounds, "rows": rows}, f, indent=1)
+            json.dump(result, f, indent=1)

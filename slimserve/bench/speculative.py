@@ -146,7 +146,8 @@ def lookup_ceiling(
     far) if every draft were right: an oracle that knows the output drafts, at each step, the
     longest stretch of what follows that occurs in that text (up to `cap`), and nothing when
     none does. Steps cost `a + b * rows` (the engine's fitted step cost), so this is the bound
-    any lookup proposer's figure on these prompts has, whatever its policy."""
+    any proposer drafting from the request's own text has on these prompts, whatever its policy
+    (a global index over other requests' outputs can go past it)."""
     plain = spec = 0.0
     for name, out in outputs.items():
         src = list(prompts[name])
@@ -244,7 +245,7 @@ def run_spec(args) -> None:
                   f"acceptance {acc}  mean accepted length {mal}")  # fmt: skip
         if "lookup_ceiling" in r:
             c = r["lookup_ceiling"]
-            print(f"  ceiling of any lookup proposer on these outputs (every draft right, steps "
+            print(f"  ceiling of drafting from each request's own text (every draft right, steps "
                   f"{1000 * c['step_s']:.2f} ms + {1000 * c['row_s']:.2f} ms a row): "
                   f"{c['speedup']:.2f}x")  # fmt: skip
         if r["mismatches"]:

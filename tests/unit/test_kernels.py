@@ -248,3 +248,12 @@ def test_cut_overs_are_tuned_per_cpu_maker():
     assert tuning_flags("AuthenticAMD") == ["-DZMIN=3", "-DZMIN8=14"]
     assert tuning_flags("GenuineIntel") == [] and tuning_flags("") == []
     assert all(f in FLAGS for f in tuning_flags(_vendor()))
+
+
+def test_bench_cutover_suggests_where_the_tiles_win_from_then_on():
+    from slimserve.bench.cutover import suggested
+
+    figures = [(2, 0.8, 0.5), (3, 1.1, 0.6), (4, 0.9, 0.7), (6, 1.2, 0.9), (8, 1.3, 0.95)]
+    rows = [{"rows": r, "int4_ratio": q, "head_ratio": h} for r, q, h in figures]
+    assert suggested(rows, "int4") == 6  # 3 won, but 4 did not
+    assert suggested(rows, "head") is None
