@@ -87,6 +87,8 @@ def run_cutover(args) -> None:
     from slimserve.kernels.build import FLAGS
     from slimserve.kernels.peaks import matmul_path
 
+    if min(args.rows) < 1:
+        raise ValueError(f"--rows must be at least 1, got {min(args.rows)}")
     if matmul_path() != "vnni512":
         raise RuntimeError(f"this CPU runs the {matmul_path()} path: no 512-bit tiles here")
     if not kernels.int8_built():

@@ -16,14 +16,20 @@ SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # built together into one l
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 
 
-def _vendor() -> str:
+def _cpuinfo_line(*keys: str) -> str | None:
+    """The first line of /proc/cpuinfo starting with one of `keys` (None off Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith(keys):
+                return line
     except OSError:
         pass
-    return ""
+    return None
+
+
+def _vendor() -> str:
+    line = _cpuinfo_line("vendor_id")
+    return line.split(":", 1)[1].strip() if line else ""
 
 
 def tuning_flags(vendor: str) -> list[str]:
@@ -42,13 +48,7 @@ FLAGS = [
 
 def _cpu_tag() -> str:
     """What -march=native depends on: a library built for one CPU may not run on another."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo_line("flags", "Features") or platform.processor() or platform.machine()
 
 
 def build(flags: list[str] = FLAGS) -> Path:
