@@ -23,14 +23,10 @@ NARROW = ["-DNO_ZMM"]
 WIDE = ["-DZMIN=1", "-DZMIN8=1"]
 
 
-def _sweeps(model, lib, rows: int, flush: torch.Tensor) -> tuple[float, float]:
+def _sweeps(lins, heads, lib, rows: int, flush: torch.Tensor) -> tuple[float, float]:
     """Seconds for every int4 matmul of the model at `rows` rows, then for its 8-bit head."""
     from slimserve.kernels.matmul import int4_matmul, int8_matmul
-    from slimserve.quant.int4 import Int4Linear
-    from slimserve.quant.int8 import Int8Linear
 
-    lins = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    heads = [m for m in model.modules() if isinstance(m, Int8Linear)]
     xs = {k: torch.randn(rows, k) for k in {m.in_features for m in lins + heads}}
     t = time.perf_counter()
     for m in lins:
@@ -45,25 +41,35 @@ def _sweeps(model, lib, rows: int, flush: torch.Tensor) -> tuple[float, float]:
 
 
 def cutover(model, rows_list: list[int], rounds: int) -> list[dict]:
+    """Per row count: each kind's median times on both builds and the median of their ratios
+    (None for a kind the model does not have)."""
     from slimserve import kernels
+    from slimserve.quant.int4 import Int4Linear
+    from slimserve.quant.int8 import Int8Linear
 
+    lins = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    heads = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if not lins and not heads:
+        raise ValueError("the model has no int4 or 8-bit matmuls to time (--quantization none?)")
+    present = {"int4": bool(lins), "head": bool(heads)}
     libs = {"256": kernels.load_variant(NARROW), "512": kernels.load_variant(WIDE)}
     flush = torch.empty(64 << 20, dtype=torch.float32)  # 256 MiB, past any last-level cache
-    times = {(p, r, w): [] for p in libs for r in rows_list for w in ("int4", "head")}
+    times = {(p, r, w): [] for p in libs for r in rows_list for w in present}
     for i in range(rounds):
         for rows in rows_list:
             for path in list(libs)[:: 1 if i % 2 == 0 else -1]:
-                t4, th = _sweeps(model, libs[path], rows, flush)
+                t4, th = _sweeps(lins, heads, libs[path], rows, flush)
                 times[(path, rows, "int4")].append(t4)
                 times[(path, rows, "head")].append(th)
     out = []
     for rows in rows_list:
         row = {"rows": rows}
-        for w in ("int4", "head"):
+        for w, there in present.items():
             narrow, wide = times[("256", rows, w)], times[("512", rows, w)]
-            row[f"{w}_256_ms"] = 1000 * statistics.median(narrow)
-            row[f"{w}_512_ms"] = 1000 * statistics.median(wide)
-            row[f"{w}_ratio"] = statistics.median(n / x for n, x in zip(narrow, wide))
+            row[f"{w}_256_ms"] = 1000 * statistics.median(narrow) if there else None
+            row[f"{w}_512_ms"] = 1000 * statistics.median(wide) if there else None
+            ratios = [n / x for n, x in zip(narrow, wide)] if there else []
+            row[f"{w}_ratio"] = statistics.median(ratios) if ratios else None
         out.append(row)
     return out
 
@@ -72,7 +78,7 @@ def suggested(rows: list[dict], kind: str) -> int | None:
     """The fewest rows from which the tiles win at every measured count (None: they never do)."""
     start = None
     for r in sorted(rows, key=lambda r: r["rows"]):
-        if r[f"{kind}_ratio"] > 1.0:
+        if (r[f"{kind}_ratio"] or 0.0) > 1.0:
             start = r["rows"] if start is None else start
         else:
             start = None
@@ -97,10 +103,14 @@ def run_cutover(args) -> None:
     rows = cutover(llm.engine.model, args.rows, args.rounds)
     print("rows   int4 256-bit / 512-bit ms  ratio   head 256-bit / 512-bit ms  ratio"
           "  (ratio > 1: the 512-bit tiles win)")  # fmt: skip
+
+    def cells(r, w):
+        if r[f"{w}_ratio"] is None:
+            return f"{'-':>8} {'-':>8}  {'-':>5} "
+        return f"{r[f'{w}_256_ms']:8.2f} {r[f'{w}_512_ms']:8.2f}  {r[f'{w}_ratio']:5.2f}x"
+
     for r in rows:
-        print(f"{r['rows']:4d}   {r['int4_256_ms']:8.2f} {r['int4_512_ms']:8.2f}  "
-              f"{r['int4_ratio']:5.2f}x   {r['head_256_ms']:8.2f} {r['head_512_ms']:8.2f}  "
-              f"{r['head_ratio']:5.2f}x")  # fmt: skip
+        print(f"{r['rows']:4d}   {cells(r, 'int4')}   {cells(r, 'head')}")
     start = {"ZMIN": suggested(rows, "int4"), "ZMIN8": suggested(rows, "head")}
     flags = " ".join(f"-D{k}={v if v is not None else 1 << 30}" for k, v in start.items())
     built = " ".join(f for f in FLAGS if f.startswith("-DZMIN")) or "the defaults, 8 and 8"
