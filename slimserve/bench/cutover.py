@@ -17,10 +17,10 @@ import time
 
 import torch
 
+from slimserve.bench.kernels import VNNI256_ONLY as NARROW
 from slimserve.bench.runinfo import run_info
 
-NARROW = ["-DNO_ZMM"]
-WIDE = ["-DZMIN=1", "-DZMIN8=1"]
+WIDE = ["-DZMIN=1", "-DZMIN8=1"]  # the tiles at any row count
 
 
 def _sweeps(lins, heads, lib, rows: int, flush: torch.Tensor) -> tuple[float, float]:
@@ -41,20 +41,20 @@ def _sweeps(lins, heads, lib, rows: int, flush: torch.Tensor) -> tuple[float, fl
 
 
 def cutover(model, rows_list: list[int], rounds: int) -> list[dict]:
-    """Per row count: each kind's median times on both builds and the median of their ratios
-    (None for a kind the model does not have)."""
+    """Per row count: each kind the model has ("int4", "head"), its median times on both builds
+    and the median of their ratios."""
     from slimserve import kernels
     from slimserve.quant.int4 import Int4Linear
     from slimserve.quant.int8 import Int8Linear
 
     lins = [m for m in model.modules() if isinstance(m, Int4Linear)]
     heads = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    if not lins and not heads:
+    kinds = [w for w, ms in (("int4", lins), ("head", heads)) if ms]
+    if not kinds:
         raise ValueError("the model has no int4 or 8-bit matmuls to time (--quantization none?)")
-    present = {"int4": bool(lins), "head": bool(heads)}
     libs = {"256": kernels.load_variant(NARROW), "512": kernels.load_variant(WIDE)}
     flush = torch.empty(64 << 20, dtype=torch.float32)  # 256 MiB, past any last-level cache
-    times = {(p, r, w): [] for p in libs for r in rows_list for w in present}
+    times = {(p, r, w): [] for p in libs for r in rows_list for w in ("int4", "head")}
     for i in range(rounds):
         for rows in rows_list:
             for path in list(libs)[:: 1 if i % 2 == 0 else -1]:
@@ -64,12 +64,11 @@ def cutover(model, rows_list: list[int], rounds: int) -> list[dict]:
     out = []
     for rows in rows_list:
         row = {"rows": rows}
-        for w, there in present.items():
+        for w in kinds:
             narrow, wide = times[("256", rows, w)], times[("512", rows, w)]
-            row[f"{w}_256_ms"] = 1000 * statistics.median(narrow) if there else None
-            row[f"{w}_512_ms"] = 1000 * statistics.median(wide) if there else None
-            ratios = [n / x for n, x in zip(narrow, wide)] if there else []
-            row[f"{w}_ratio"] = statistics.median(ratios) if ratios else None
+            row[f"{w}_256_ms"] = 1000 * statistics.median(narrow)
+            row[f"{w}_512_ms"] = 1000 * statistics.median(wide)
+            row[f"{w}_ratio"] = statistics.median(n / x for n, x in zip(narrow, wide))
         out.append(row)
     return out
 
@@ -78,7 +77,7 @@ def suggested(rows: list[dict], kind: str) -> int | None:
     """The fewest rows from which the tiles win at every measured count (None: they never do)."""
     start = None
     for r in sorted(rows, key=lambda r: r["rows"]):
-        if (r[f"{kind}_ratio"] or 0.0) > 1.0:
+        if r.get(f"{kind}_ratio", 0.0) > 1.0:
             start = r["rows"] if start is None else start
         else:
             start = None
@@ -88,7 +87,6 @@ def suggested(rows: list[dict], kind: str) -> int | None:
 def run_cutover(args) -> None:
     import json
 
-    from slimserve import kernels
     from slimserve.cli import make_llm
     from slimserve.kernels.build import FLAGS
     from slimserve.kernels.peaks import matmul_path
@@ -97,15 +95,13 @@ def run_cutover(args) -> None:
         raise ValueError(f"--rows must be at least 1, got {min(args.rows)}")
     if matmul_path() != "vnni512":
         raise RuntimeError(f"this CPU runs the {matmul_path()} path: no 512-bit tiles here")
-    if not kernels.int8_built():
-        raise RuntimeError("the native kernels are not built here")
     llm = make_llm(args)
     rows = cutover(llm.engine.model, args.rows, args.rounds)
     print("rows   int4 256-bit / 512-bit ms  ratio   head 256-bit / 512-bit ms  ratio"
           "  (ratio > 1: the 512-bit tiles win)")  # fmt: skip
 
     def cells(r, w):
-        if r[f"{w}_ratio"] is None:
+        if f"{w}_ratio" not in r:  # the model has no such matmul
             return f"{'-':>8} {'-':>8}  {'-':>5} "
         return f"{r[f'{w}_256_ms']:8.2f} {r[f'{w}_512_ms']:8.2f}  {r[f'{w}_ratio']:5.2f}x"
 

@@ -97,7 +97,7 @@ def batch1(engine, prompts, methods, params, rounds: int, fresh) -> dict:
     """Each prompt alone, every method in turn; decode tok/s per method summed over prompts."""
     acc = {m: {"decode_s": 0.0, "decode_tokens": 0, "drafts": 0, "accepted": 0, "verifies": 0}
            for m in methods}  # fmt: skip
-    mismatches, outputs, costs = [], {}, []
+    mismatches, outputs = [], {}
     for _ in range(rounds):
         specs = {m: fresh(m) for m in methods}
         for name, ids in prompts:
@@ -118,7 +118,6 @@ def batch1(engine, prompts, methods, params, rounds: int, fresh) -> dict:
                 if r["token_ids"][0] != ref:
                     mismatches.append((name, m))
             outputs[name] = ref
-        costs = [s.cost.fit() for s in specs.values() if s is not None]
     engine.speculator = None
     out = {}
     for m, a in acc.items():
@@ -131,9 +130,10 @@ def batch1(engine, prompts, methods, params, rounds: int, fresh) -> dict:
         }
         out[m]["speedup"] = out[m]["decode_tok_s"] / out["off"]["decode_tok_s"]
     result = {"methods": out, "mismatches": mismatches}
-    if costs:
-        a, b = costs[-1]
-        cap = max((s.max_tokens for s in specs.values() if s is not None), default=16)
+    last = [s for s in specs.values() if s is not None]  # the last round's speculators
+    if last:
+        a, b = last[-1].cost.fit()
+        cap = max(s.max_tokens for s in last)
         ceiling = lookup_ceiling(dict(prompts), outputs, a, b, cap)
         result["lookup_ceiling"] = {"speedup": ceiling, "step_s": a, "row_s": b, "cap": cap}
     return result
