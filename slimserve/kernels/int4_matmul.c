@@ -310,6 +310,13 @@ static inline __m512i zcodes(const uint8_t *w, int g, __m512i idx) {
     return _mm512_and_si512(p, _mm512_set1_epi8(0x0f));
 }
 
+/* Codes of groups g and g + 2 (g = 0, 1) at inputs k .. k + 3: one gather, both nibbles. */
+static inline void zcodes2(const uint8_t *w, __m512i idx, __m512i *lo, __m512i *hi) {
+    __m512i p = _mm512_permutex2var_epi8(_mm512_loadu_si512(w), idx, _mm512_loadu_si512(w + 64));
+    *lo = _mm512_and_si512(p, _mm512_set1_epi8(0x0f));
+    *hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), _mm512_set1_epi8(0x0f));
+}
+
 /* 8-bit weights as one byte u = 16 hi + lo (unpack_quad8), from the hi and lo halves' bytes. */
 static inline __m512i zcodes8(const uint8_t *whi, const uint8_t *wlo, int g, __m512i idx) {
     __m512i h = _mm512_permutex2var_epi8(_mm512_loadu_si512(whi), idx, _mm512_loadu_si512(whi + 64));
@@ -365,21 +372,29 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
                             _MM_HINT_T0);
                 }
             }
-            for (int g = 0; g < 4; g++) {
-                __m512i W[8];
+            /* groups g and g + 2: the low and the high nibbles of one vpermt2b's bytes */
+            for (int g = 0; g < 2; g++) {
+                __m512i W[2][8];
+                __m512 sc[2], z[2];
                 UNROLL(8) for (int qd = 0; qd < 8; qd++) {
                     const int64_t k = j * QB + 4 * qd;
-                    W[qd] = eight ? zcodes8(wt + k * (TILE / 2), wt + (Kx + k) * (TILE / 2), g,
-                                            idx[g & 1])
-                                  : zcodes(wt + k * (TILE / 2), g, idx[g & 1]);
+                    if (eight) {
+                        W[0][qd] = zcodes8(wt + k * (TILE / 2), wt + (Kx + k) * (TILE / 2), g, idx[g]);
+                        W[1][qd] = zcodes8(wt + k * (TILE / 2), wt + (Kx + k) * (TILE / 2), g + 2,
+                                           idx[g]);
+                    } else {
+                        zcodes2(wt + k * (TILE / 2), idx[g], &W[0][qd], &W[1][qd]);
+                    }
                 }
-                __m512i pr = _mm512_loadu_si512(szj + 32 * g);
-                __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
-                __m512 z = _mm512_castsi512_ps(_mm512_and_si512(pr, hi16));
+                UNROLL(2) for (int h = 0; h < 2; h++) {
+                    __m512i pr = _mm512_loadu_si512(szj + 32 * (g + 2 * h));
+                    sc[h] = _mm512_castsi512_ps(_mm512_slli_epi32(pr, 16));
+                    z[h] = _mm512_castsi512_ps(_mm512_and_si512(pr, hi16));
+                }
                 if (eight) /* a constant at each call: the row sums stay in registers */
-                    zpass(W, sc, z, q, Kx, d, c, nb, mr, 1, acc + 16 * g);
+                    zpass(W, sc, z, 2, 32, q, Kx, d, c, nb, mr, 1, acc + 16 * g);
                 else
-                    zpass(W, sc, z, q, Kx, d, c, nb, mr, 0, acc + 16 * g);
+                    zpass(W, sc, z, 2, 32, q, Kx, d, c, nb, mr, 0, acc + 16 * g);
             }
         }
         zstore(acc, mr, y + m0 * ldy, ldy, t * TILE, w->n_out, w->bias);

@@ -119,14 +119,18 @@ static void tiles8_zmm(const uint8_t *codes, const uint16_t *scales, int64_t n_p
                 for (int l = 0; l < 32; l++)
                     _mm_prefetch((const char *)(wt + j * QB * TILE + PREFETCH8 + 64 * l),
                                  _MM_HINT_T0);
-            for (int g = 0; g < 4; g++) {
-                __m512i W[8];
-                UNROLL(8) for (int qd = 0; qd < 8; qd++)
-                    W[qd] = _mm512_loadu_si512(wt + (j * (QB / 4) + qd) * (TILE * 4) + 64 * g);
-                __m512 sc = _mm512_cvtph_ps(
-                    _mm256_loadu_si256((const __m256i *)(scales + j * n_pad + t * TILE + 16 * g)));
-                __m512 z = _mm512_setzero_ps();
-                zpass(W, sc, z, q, K, d, c, nb, mr, 1, acc + 16 * g);
+            for (int g0 = 0; g0 < 4; g0 += ZGROUPS) {
+                __m512i W[ZGROUPS][8];
+                __m512 sc[ZGROUPS], z[ZGROUPS];
+                UNROLL(2) for (int h = 0; h < ZGROUPS; h++) {
+                    const int g = g0 + h;
+                    UNROLL(8) for (int qd = 0; qd < 8; qd++)
+                        W[h][qd] = _mm512_loadu_si512(wt + (j * (QB / 4) + qd) * (TILE * 4) + 64 * g);
+                    sc[h] = _mm512_cvtph_ps(_mm256_loadu_si256(
+                        (const __m256i *)(scales + j * n_pad + t * TILE + 16 * g)));
+                    z[h] = _mm512_setzero_ps();
+                }
+                zpass(W, sc, z, ZGROUPS, 16, q, K, d, c, nb, mr, 1, acc + 16 * g0);
             }
         }
         zstore(acc, mr, y + m0 * ldy, ldy, t * TILE, n_out, bias);

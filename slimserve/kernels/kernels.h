@@ -156,52 +156,69 @@ static inline int32_t quantize_block(const float *x, int8_t *q, float *d_out) {
 #ifdef HAVE_ZMM
 #define ZR 4 /* rows a step of zrows: four independent chains of `vpdpbusd` */
 
-/* R rows' sums over one block of 32 inputs for one 16-output group W (8 registers of 4 inputs),
-   scaled into their accumulators (rows TILE floats apart): acc += sc d (S - o c) + z d c, with
-   o = 128 for one-byte weights u = q + 128 (EIGHT, and z unused) and 8 for 4-bit codes. The float
-   steps per output are those of the 256-bit paths, so both give the same bits. */
+/* At most this many groups of 16 outputs a step of zrows (NG): each broadcast activation word
+   then feeds NG products, so a pair of groups loads the activations, d and c once instead of
+   twice. */
+#define ZGROUPS 2
+
+/* R rows' sums over one block of 32 inputs for NG 16-output groups (W[h]: 8 registers of 4
+   inputs; group h's sums GS floats on from the previous group's), scaled into
+   their accumulators (rows TILE floats apart): acc += sc d (S - o c) + z d c, with o = 128 for
+   one-byte weights u = q + 128 (EIGHT, and z unused) and 8 for 4-bit codes. The float steps per
+   output are those of the 256-bit paths, so both give the same bits. */
 static inline __attribute__((always_inline)) void zrows(
-    const __m512i W[8], __m512 sc, __m512 z, const int8_t *xq, int64_t Kx, const float *xd,
-    const int32_t *xs, int64_t nb, const int R, const int EIGHT, float *acc) {
-    /* ZR / R chains a row (integer sums: their order does not change the bits) */
+    const __m512i W[][8], const __m512 *sc, const __m512 *z, const int NG, const int GS,
+    const int8_t *xq, int64_t Kx, const float *xd, const int32_t *xs, int64_t nb, const int R,
+    const int EIGHT, float *acc) {
+    /* ZR / R chains a row and group (integer sums: their order does not change the bits) */
     const int P = ZR / R;
-    __m512i s[ZR];
+    __m512i s[ZGROUPS][ZR];
     /* a row's first chain starts at -o c, so that it ends at S - o c (integers: exact) */
-    UNROLL(4) for (int i = 0; i < ZR; i++)
-        s[i] = i % P ? _mm512_setzero_si512()
-                     : _mm512_set1_epi32(-(EIGHT ? 128 : 8) * xs[i / P * nb]);
+    UNROLL(4) for (int i = 0; i < ZR; i++) {
+        const __m512i init =
+            i % P ? _mm512_setzero_si512() : _mm512_set1_epi32(-(EIGHT ? 128 : 8) * xs[i / P * nb]);
+        UNROLL(2) for (int h = 0; h < NG; h++) s[h][i] = init;
+    }
     UNROLL(8) for (int qd = 0; qd < 8; qd++)
         UNROLL(4) for (int m = 0; m < R; m++) {
             int32_t xx;
             memcpy(&xx, xq + m * Kx + 4 * qd, 4);
-            s[m * P + qd % P] = _mm512_dpbusd_epi32(s[m * P + qd % P], W[qd], _mm512_set1_epi32(xx));
+            const __m512i X = _mm512_set1_epi32(xx);
+            UNROLL(2) for (int h = 0; h < NG; h++)
+                s[h][m * P + qd % P] = _mm512_dpbusd_epi32(s[h][m * P + qd % P], W[h][qd], X);
+        }
+    UNROLL(2) for (int h = 0; h < NG; h++)
+        UNROLL(4) for (int m = 0; m < R; m++) {
+            s[h][m] = s[h][m * P];
+            UNROLL(4) for (int i = 1; i < P; i++) s[h][m] = _mm512_add_epi32(s[h][m], s[h][m * P + i]);
         }
     UNROLL(4) for (int m = 0; m < R; m++) {
-        s[m] = s[m * P];
-        UNROLL(4) for (int i = 1; i < P; i++) s[m] = _mm512_add_epi32(s[m], s[m * P + i]);
-    }
-    UNROLL(4) for (int m = 0; m < R; m++) {
-        float d = xd[m * nb];
-        int32_t c = xs[m * nb];
-        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s[m]), _mm512_set1_ps(d));
-        __m512 a = _mm512_load_ps(acc + m * TILE);
-        if (!EIGHT) a = _mm512_fmadd_ps(z, _mm512_set1_ps(d * (float)c), a);
-        _mm512_store_ps(acc + m * TILE, _mm512_fmadd_ps(sc, f, a));
+        const float d = xd[m * nb];
+        const int32_t c = xs[m * nb];
+        const __m512 vd = _mm512_set1_ps(d), vdc = _mm512_set1_ps(d * (float)c);
+        UNROLL(2) for (int h = 0; h < NG; h++) {
+            float *am = acc + m * TILE + GS * h;
+            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s[h][m]), vd);
+            __m512 a = _mm512_load_ps(am);
+            if (!EIGHT) a = _mm512_fmadd_ps(z[h], vdc, a);
+            _mm512_store_ps(am, _mm512_fmadd_ps(sc[h], f, a));
+        }
     }
 }
-#endif
 
-#ifdef HAVE_ZMM
-/* Every row of a pass (mr rows, their sums TILE floats apart at acc) over one block of one group:
-   ZR rows a step, then the rest one at a time. */
+/* Every row of a pass (mr rows, their sums TILE floats apart at acc) over one block of NG
+   groups: ZR rows a step, then the rest one at a time. */
 static inline __attribute__((always_inline)) void zpass(
-    const __m512i W[8], __m512 sc, __m512 z, const int8_t *xq, int64_t Kx, const float *xd,
-    const int32_t *xs, int64_t nb, int64_t mr, const int EIGHT, float *acc) {
+    const __m512i W[][8], const __m512 *sc, const __m512 *z, const int NG, const int GS,
+    const int8_t *xq, int64_t Kx, const float *xd, const int32_t *xs, int64_t nb, int64_t mr,
+    const int EIGHT, float *acc) {
     int64_t m = 0;
     for (; m + ZR <= mr; m += ZR)
-        zrows(W, sc, z, xq + m * Kx, Kx, xd + m * nb, xs + m * nb, nb, ZR, EIGHT, acc + m * TILE);
+        zrows(W, sc, z, NG, GS, xq + m * Kx, Kx, xd + m * nb, xs + m * nb, nb, ZR, EIGHT,
+              acc + m * TILE);
     for (; m < mr; m++)
-        zrows(W, sc, z, xq + m * Kx, Kx, xd + m * nb, xs + m * nb, nb, 1, EIGHT, acc + m * TILE);
+        zrows(W, sc, z, NG, GS, xq + m * Kx, Kx, xd + m * nb, xs + m * nb, nb, 1, EIGHT,
+              acc + m * TILE);
 }
 
 /* A pass's sums (mr rows of TILE at acc, + bias) to rows m0 .. of y at columns n0 ..,
