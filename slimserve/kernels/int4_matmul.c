@@ -290,6 +290,9 @@ static inline int reads_eight_bit(const Int4Weight *w) {
 #ifndef ZMIN
 #define ZMIN 8
 #endif
+#ifndef ZHINT /* where that fetch lands: L1 (T0), or L2 (T1) for a longer distance */
+#define ZHINT _MM_HINT_T0
+#endif
 #ifndef ZFETCH
 #define ZFETCH 2048 /* bytes ahead: the first pass over a tile streams its codes */
 #endif
@@ -365,11 +368,11 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
                 }
                 for (int l = 0; ZFETCH && l < 16; l++) { /* a block's codes: 1 KB (per half) */
                     _mm_prefetch((const char *)(wt + j * QB * (TILE / 2) + ZFETCH + 64 * l),
-                                 _MM_HINT_T0);
+                                 ZHINT);
                     if (eight) /* the lo halves, K' / 2 inputs on */
                         _mm_prefetch(
                             (const char *)(wt + (Kx + j * QB) * (TILE / 2) + ZFETCH + 64 * l),
-                            _MM_HINT_T0);
+                            ZHINT);
                 }
             }
             /* groups g and g + 2: the low and the high nibbles of one vpermt2b's bytes */

@@ -97,8 +97,14 @@ static inline __attribute__((always_inline)) void tile_rows8(
 #ifndef ZROWS8
 #define ZROWS8 64
 #endif
+#ifndef ZFETCH8
+#define ZFETCH8 PREFETCH8 /* bytes ahead the tiles' first pass fetches the codes */
+#endif
+#ifndef ZHINT8 /* and into which cache (int4_matmul.c's ZHINT) */
+#define ZHINT8 _MM_HINT_T0
+#endif
 #ifndef ZMIN8
-#define ZMIN8 8 /* below it the 256-bit path, which streams the head faster (build.py: AMD 14) */
+#define ZMIN8 8 /* below it the 256-bit path, which streams the head faster (build.py: AMD 3) */
 #endif
 static void tiles8_zmm(const uint8_t *codes, const uint16_t *scales, int64_t n_pad, int64_t K,
                        int64_t M, const int8_t *xq, const float *xd, const int32_t *xs,
@@ -115,10 +121,10 @@ static void tiles8_zmm(const uint8_t *codes, const uint16_t *scales, int64_t n_p
             const int8_t *q = xq + m0 * K + j * QB;
             const float *d = xd + m0 * nb + j;
             const int32_t *c = xs + m0 * nb + j;
-            if (PREFETCH8 && m0 == 0) /* the first pass streams the codes: fetch ahead */
+            if (ZFETCH8 && m0 == 0) /* the first pass streams the codes: fetch ahead */
                 for (int l = 0; l < 32; l++)
-                    _mm_prefetch((const char *)(wt + j * QB * TILE + PREFETCH8 + 64 * l),
-                                 _MM_HINT_T0);
+                    _mm_prefetch((const char *)(wt + j * QB * TILE + ZFETCH8 + 64 * l),
+                                 ZHINT8);
             for (int g0 = 0; g0 < 4; g0 += ZGROUPS) {
                 __m512i W[ZGROUPS][8];
                 __m512 sc[ZGROUPS], z[ZGROUPS];
