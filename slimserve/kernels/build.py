@@ -36,15 +36,15 @@ def tuning_flags(vendor: str) -> list[str]:
     """Cut-overs between the 256-bit paths and the 512-bit tiles, and how far ahead the tiles
     fetch the weights they stream, measured per CPU maker (`slimserve bench cutover` and engine
     A/Bs; both paths give the same bits, so only speed moves; docs/benchmarks.md). On AMD's Zen 4
-    the int4 tiles win from 3 rows (1.08x at 3, 1.14x at 4), where on Intel's the 256-bit path
+    the int4 tiles win from 3 rows (1.11x at 3, 1.19x at 4), where on Intel's the 256-bit path
     led up to 7. Fetching a tile's codes 8 KB ahead into L2 (the int4 tiles) and the head's 16 KB
     ahead, instead of 2 KB and 1 KB into L1, keeps more of the stream in flight while the tile
-    computes: then the head's tiles win from 3 rows too (they lost up to 12 with the short
-    fetch), and batch-8 decode is 1.09x, batch 4 1.16x (in-process pairs, Zen 4)."""
+    computes: then the head's tiles win from 6 rows (1.19x at 8; with the short fetch they lost
+    up to 12), and batch-8 decode is 1.09x, batch 4 1.16x (in-process pairs, Zen 4)."""
     if vendor != "AuthenticAMD":
         return []
     fetch = ["-DZFETCH=8192", "-DZHINT=_MM_HINT_T1", "-DZFETCH8=16384", "-DZHINT8=_MM_HINT_T1"]
-    return ["-DZMIN=3", "-DZMIN8=3", *fetch]
+    return ["-DZMIN=3", "-DZMIN8=6", *fetch]
 
 
 FLAGS = [

@@ -104,7 +104,7 @@ static inline __attribute__((always_inline)) void tile_rows8(
 #define ZHINT8 _MM_HINT_T0
 #endif
 #ifndef ZMIN8
-#define ZMIN8 8 /* below it the 256-bit path, which streams the head faster (build.py: AMD 3) */
+#define ZMIN8 8 /* below it the 256-bit path, which streams the head faster (build.py: AMD 6) */
 #endif
 static void tiles8_zmm(const uint8_t *codes, const uint16_t *scales, int64_t n_pad, int64_t K,
                        int64_t M, const int8_t *xq, const float *xd, const int32_t *xs,

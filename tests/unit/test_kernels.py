@@ -246,7 +246,7 @@ def test_cut_overs_are_tuned_per_cpu_maker():
     from slimserve.kernels.build import FLAGS, _vendor, tuning_flags
 
     amd = tuning_flags("AuthenticAMD")
-    assert amd[:2] == ["-DZMIN=3", "-DZMIN8=3"] and "-DZFETCH=8192" in amd
+    assert amd[:2] == ["-DZMIN=3", "-DZMIN8=6"] and "-DZFETCH=8192" in amd
     assert tuning_flags("GenuineIntel") == [] and tuning_flags("") == []
     assert all(f in FLAGS for f in tuning_flags(_vendor()))
 
