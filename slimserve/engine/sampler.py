@@ -18,7 +18,9 @@ from typing import Protocol
 
 import torch
 
+from slimserve import kernels
 from slimserve.engine import noise
+from slimserve.kernels.argmax import argmax
 from slimserve.sampling_params import SamplingParams
 
 
@@ -88,6 +90,7 @@ class Sampler:
 
             processors = [Penalties(), GrammarMask()]  # the mask last: nothing lifts it
         self.processors = processors
+        self.native_argmax = kernels.available("argmax")  # settled once, not per step
 
     def __call__(self, logits: torch.Tensor, rows) -> SamplerOutput:
         """logits: (R, V) float32, one row per entry of `rows` (SamplingRows, or Requests, each
@@ -99,7 +102,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = self.process(logits, rows)
         if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax(logits, self.native_argmax)
         else:
             tokens = self._sample(logits, rows)
         token_ids = tokens.tolist()
@@ -138,8 +141,9 @@ class Sampler:
         temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
         probs = filter_probs(logits / temps.unsqueeze(1), params)
         keys = [noise.key(r.seed, r.position, noise.DRAW) for r in rows]
-        sampled = (probs / noise.exponential(keys, probs.shape[1], probs.device)).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        race = probs / noise.exponential(keys, probs.shape[1], probs.device)
+        sampled = argmax(race, self.native_argmax)
+        return torch.where(greedy, argmax(logits, self.native_argmax), sampled)
 
 
 def as_rows(rows) -> list[SamplingRow]:

@@ -55,6 +55,7 @@ KERNELS = (
     "int4_rows",
     "int8_matmul",
     "int8_rows",
+    "argmax",
 )
 
 
@@ -94,6 +95,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.decode_layers
     fn.argtypes = [p, p, i64, p, p, i64]
     fn.restype = ctypes.c_int
+    lib.argmax_rows.argtypes, lib.argmax_rows.restype = [p, i64, i64, i64, p, i64], None
     lib.peak_macs.argtypes, lib.peak_macs.restype = [i64, i64, i64], i64
     lib.matmul_path.argtypes, lib.matmul_path.restype = [], i64
     return lib

@@ -231,7 +231,6 @@ static void accumulate_avx2(const float *const *v, const float *vscale, int n, i
         }
     }
 }
-#endif
 
 /* The online softmax step of one chunk, with the scalar loop's results: the maximum and the
    subtraction are exact in any order, so they run eight lanes wide; each row's sum stays in
@@ -264,6 +263,7 @@ static void softmax_chunk_avx2(float s[][CHUNK], int n, int G, int D, float *m, 
     for (int i = 0; i < n; i++)
         for (int g = 0; g < G; g++) l[g] += s[g][i];
 }
+#endif
 
 /* ---- one (sequence, KV head) ------------------------------------------------------------ */
 
