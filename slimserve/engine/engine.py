@@ -109,7 +109,7 @@ class Engine:
         )  # fmt: skip
         self.runner = ModelRunner(self.model, self.model_config, self.kv_spec, native)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.sampler = Sampler()
+        self.sampler = Sampler(native_argmax=native and kernels.available("argmax"))
         budget = config.scheduler.max_num_batched_tokens
         self.speculator = build_speculator(config.speculative, budget, self)
         if proposer is not None:
@@ -161,6 +161,7 @@ class Engine:
         """Rebuild the step on the native kernels (those `kernels.set_enabled` leaves on) or on
         the PyTorch paths: for A/B tests and benchmarks. Weight layouts stay as loaded."""
         self.runner.select_kernels(native and kernels.available())
+        self.sampler.native_argmax = native and kernels.available("argmax")
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(

@@ -18,7 +18,6 @@ from typing import Protocol
 
 import torch
 
-from slimserve import kernels
 from slimserve.engine import noise
 from slimserve.kernels.argmax import argmax
 from slimserve.sampling_params import SamplingParams
@@ -84,13 +83,16 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, processors: list[LogitsProcessor] | None = None):
+    def __init__(
+        self, processors: list[LogitsProcessor] | None = None, native_argmax: bool = False
+    ):
         if processors is None:
             from slimserve.structured import GrammarMask
 
             processors = [Penalties(), GrammarMask()]  # the mask last: nothing lifts it
         self.processors = processors
-        self.native_argmax = kernels.available("argmax")  # settled once, not per step
+        # the engine settles it once, with its other kernels (kernels.available("argmax"))
+        self.native_argmax = native_argmax
 
     def __call__(self, logits: torch.Tensor, rows) -> SamplerOutput:
         """logits: (R, V) float32, one row per entry of `rows` (SamplingRows, or Requests, each

@@ -252,11 +252,13 @@ def test_native_decode_attention_gives_the_pytorch_output(llm, monkeypatch):
     llm.engine.use_kernels(True)  # kernels are chosen at build: rebuild on the PyTorch paths
     try:
         calls.clear()
+        assert not llm.engine.sampler.native_argmax  # the sampler follows the switch too
         reference = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(20))]
         assert not calls
     finally:
         kernels.set_enabled(True)
         llm.engine.use_kernels(True)
+    assert llm.engine.sampler.native_argmax
     assert native == reference
 
 

