@@ -283,6 +283,25 @@ static void softmax_chunk_avx2(float s[][CHUNK], int n, int G, int D, float *m, 
 
 /* ---- one (sequence, KV head) ------------------------------------------------------------ */
 
+#ifndef KV_LEAD
+#define KV_LEAD 1
+#endif
+#ifndef KV_LOCALITY
+#define KV_LOCALITY 2 /* into L2 (`prefetcht1`) */
+#endif
+/* Fetch the key and value rows of tokens [from, to) toward the core ahead of their use. */
+static inline void fetch_rows(const char *k, const char *v, int64_t row_bytes,
+                              const int64_t *table, int shift, int block_size, int64_t from,
+                              int64_t to) {
+    for (int64_t t = from; t < to; t++) {
+        const int64_t slot = (table[t >> shift] << shift) | (t & (block_size - 1));
+        for (int64_t o = 0; o < row_bytes; o += 64) {
+            __builtin_prefetch(k + slot * row_bytes + o, 0, KV_LOCALITY);
+            __builtin_prefetch(v + slot * row_bytes + o, 0, KV_LOCALITY);
+        }
+    }
+}
+
 /* R consecutive query positions of one sequence and KV head (a tile: R = 1 for a decode), row
    r attending to tokens [begin, ends[r]): each chunk's key and value rows are gathered (and
    converted) once for all R * G query rows. Row r's arithmetic is exactly what it would be alone
@@ -314,6 +333,8 @@ static void tile_heads(const float *q, int64_t ldq, int R, const char *k, const 
         l[g] = 0.f;
         for (int d = 0; d < D; d++) acc[g][d] = 0.f;
     }
+    fetch_rows(k, v, row_bytes, table, shift, block_size, begin,
+               last - begin < KV_LEAD * CHUNK ? last : begin + KV_LEAD * CHUNK);
     for (int64_t t0 = begin; t0 < last; t0 += CHUNK) {
         int n_all = (int)(last - t0 < CHUNK ? last - t0 : CHUNK);
         for (int i = 0; i < n_all; i++) { /* block_size is a power of two: no division */
@@ -321,6 +342,12 @@ static void tile_heads(const float *q, int64_t ldq, int R, const char *k, const 
             int64_t slot = (table[t >> shift] << shift) | (t & (block_size - 1));
             krows[i] = k + slot * row_bytes;
             vrows[i] = v + slot * row_bytes;
+        }
+        { /* the rows KV_LEAD chunks on: in flight while this chunk computes */
+            const int64_t t1 = t0 + KV_LEAD * CHUNK;
+            if (KV_LEAD && t1 < last)
+                fetch_rows(k, v, row_bytes, table, shift, block_size, t1,
+                           last - t1 < CHUNK ? last : t1 + CHUNK);
         }
 #ifdef HAVE_AVX2
         if (fast) {
