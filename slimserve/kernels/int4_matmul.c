@@ -366,17 +366,18 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
                         (const char *)(sz_t + ((g0 + (j + SZ_AHEAD) * QB) / group) * n_pad * 2);
                     for (int l = 0; l < 4; l++) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
                 }
-                for (int l = 0; ZFETCH && l < 16; l++) { /* a block's codes: 1 KB (per half) */
-                    _mm_prefetch((const char *)(wt + j * QB * (TILE / 2) + ZFETCH + 64 * l),
-                                 ZHINT);
-                    if (eight) /* the lo halves, K' / 2 inputs on */
-                        _mm_prefetch(
-                            (const char *)(wt + (Kx + j * QB) * (TILE / 2) + ZFETCH + 64 * l),
-                            ZHINT);
-                }
             }
             /* groups g and g + 2: the low and the high nibbles of one vpermt2b's bytes */
             for (int g = 0; g < 2; g++) {
+                if (m0 == 0) /* the first pass streams the tile: half its codes' fetch per g */
+                    for (int l = 8 * g; ZFETCH && l < 8 * g + 8; l++) {
+                        _mm_prefetch((const char *)(wt + j * QB * (TILE / 2) + ZFETCH + 64 * l),
+                                     ZHINT);
+                        if (eight) /* the lo halves, K' / 2 inputs on */
+                            _mm_prefetch(
+                                (const char *)(wt + (Kx + j * QB) * (TILE / 2) + ZFETCH + 64 * l),
+                                ZHINT);
+                    }
                 __m512i W[2][8];
                 __m512 sc[2], z[2];
                 UNROLL(8) for (int qd = 0; qd < 8; qd++) {
@@ -395,9 +396,9 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
                     z[h] = _mm512_castsi512_ps(_mm512_and_si512(pr, hi16));
                 }
                 if (eight) /* a constant at each call: the row sums stay in registers */
-                    zpass(W, sc, z, 2, 32, q, Kx, d, c, nb, mr, 1, acc + 16 * g);
+                    zpass(W, sc, z, 2, 32, q, Kx, d, c, nb, mr, 1, acc + 16 * g, NULL, 0, 0);
                 else
-                    zpass(W, sc, z, 2, 32, q, Kx, d, c, nb, mr, 0, acc + 16 * g);
+                    zpass(W, sc, z, 2, 32, q, Kx, d, c, nb, mr, 0, acc + 16 * g, NULL, 0, 0);
             }
         }
         zstore(acc, mr, y + m0 * ldy, ldy, t * TILE, w->n_out, w->bias);

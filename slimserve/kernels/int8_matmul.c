@@ -121,10 +121,6 @@ static void tiles8_zmm(const uint8_t *codes, const uint16_t *scales, int64_t n_p
             const int8_t *q = xq + m0 * K + j * QB;
             const float *d = xd + m0 * nb + j;
             const int32_t *c = xs + m0 * nb + j;
-            if (ZFETCH8 && m0 == 0) /* the first pass streams the codes: fetch ahead */
-                for (int l = 0; l < 32; l++)
-                    _mm_prefetch((const char *)(wt + j * QB * TILE + ZFETCH8 + 64 * l),
-                                 ZHINT8);
             for (int g0 = 0; g0 < 4; g0 += ZGROUPS) {
                 __m512i W[ZGROUPS][8];
                 __m512 sc[ZGROUPS], z[ZGROUPS];
@@ -136,7 +132,12 @@ static void tiles8_zmm(const uint8_t *codes, const uint16_t *scales, int64_t n_p
                         (const __m256i *)(scales + j * n_pad + t * TILE + 16 * g)));
                     z[h] = _mm512_setzero_ps();
                 }
-                zpass(W, sc, z, ZGROUPS, 16, q, K, d, c, nb, mr, 1, acc + 16 * g0);
+                /* the first pass streams the codes: a block's 2 KB fetched ahead 2 lines per
+                   step of the first rows' products, spread over the block's compute */
+                const char *pf = ZFETCH8 && m0 == 0
+                                     ? (const char *)(wt + j * QB * TILE + ZFETCH8 + 512 * g0)
+                                     : NULL;
+                zpass(W, sc, z, ZGROUPS, 16, q, K, d, c, nb, mr, 1, acc + 16 * g0, pf, ZGROUPS, ZHINT8);
             }
         }
         zstore(acc, mr, y + m0 * ldy, ldy, t * TILE, n_out, bias);
