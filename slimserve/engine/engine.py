@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,29 +18,24 @@ import torch
 from slimserve import kernels
 from slimserve.config import EngineConfig, num_threads_from_env
 from slimserve.engine import memory, rejection, scoring
-from slimserve.engine.detokenizer import Detokenizer
+from slimserve.engine.drafting import propose_drafts
 from slimserve.engine.input_batch import StepPlan, build_plan
+from slimserve.engine.intake import Intake
 from slimserve.engine.loading import load_model
 from slimserve.engine.model_runner import ModelRunner
+from slimserve.engine.output_processor import append_tokens, to_output
 from slimserve.engine.request import Request
 from slimserve.engine.sampler import Sampler, SamplingRow
 from slimserve.engine.scheduler import Scheduler
-from slimserve.errors import (
-    CapacityError,
-    ContextLengthExceeded,
-    EngineDead,
-    InvalidRequest,
-    RequestFailed,
-)
+from slimserve.errors import CapacityError, EngineDead, InvalidRequest
 from slimserve.kv_cache.hashing import kv_salt
 from slimserve.kv_cache.manager import KVCacheManager
 from slimserve.kv_cache.spec import kv_cache_spec
 from slimserve.loader import open_model
-from slimserve.outputs import CompletionOutput, RequestOutput
+from slimserve.outputs import RequestOutput
 from slimserve.sampling_params import SamplingParams
 from slimserve.spec_decode import Speculator, build_speculator
 from slimserve.spec_decode.index import Match
-from slimserve.structured import GrammarCompiler
 
 logger = logging.getLogger("slimserve")
 
@@ -119,7 +113,9 @@ class Engine:
             self.model_config.max_position,
         )
         self.requests: dict[str, Request] = {}
-        self._grammar_compiler, self._grammar_lock = None, threading.Lock()
+        self.intake = Intake(
+            self.tokenizer, self.model_config.vocab_size, self.max_model_len, self.kv_spec, budget
+        )
         # Tokens a grammar forces are drafted and verified in one step (False: one at a time,
         # for A/B runs).
         self.jump_forward = True
@@ -183,26 +179,7 @@ class Engine:
     ) -> Request:  # fmt: skip
         """Tokenize and validate a request without touching engine state (it reads only what
         never changes after build), so any thread may call it while a step runs."""
-        params = params or SamplingParams()
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, ids = None, list(prompt)
-        self._validate(ids, params)
-        req = Request(request_id, text, ids, params, self.tokenizer.eos_ids, priority)
-        req.detokenizer = Detokenizer(self.tokenizer, params)
-        if params.structured is not None:
-            req.grammar = self._grammars().compile(params.structured)
-        return req
-
-    def _grammars(self) -> GrammarCompiler:
-        """Built on the first constrained request (about a second), once, whichever thread asks."""
-        with self._grammar_lock:
-            if self._grammar_compiler is None:
-                self._grammar_compiler = GrammarCompiler(
-                    self.tokenizer, self.model_config.vocab_size
-                )
-            return self._grammar_compiler
+        return self.intake.make(prompt, params, request_id, priority)
 
     def enqueue(self, req: Request) -> None:
         """Hand a request from `make_request` to the scheduler (the engine's thread only)."""
@@ -210,28 +187,6 @@ class Engine:
             raise InvalidRequest(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
         self.scheduler.add(req)
-
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise InvalidRequest(
-                f"prompt token ids must be integers in [0, {vocab})", param="prompt"
-            )
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
-                f"{total} tokens exceed the model's context length of {self.max_model_len}",
-                param="max_tokens",
-            )
-        chunk = self.config.scheduler.max_num_batched_tokens
-        if self.kv_spec.pages_held(total, chunk) > self.kv.num_blocks:
-            raise CapacityError(
-                f"the request needs {total} tokens of KV cache but it holds "
-                f"{self.capacity_tokens}; raise --kv-cache-memory"
-            )
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is (waiting, mid-prefill, decoding) and free its blocks."""
@@ -298,7 +253,10 @@ class Engine:
         if self.speculator is not None and plan.decode_only:
             # The steps drafts add rows to (prompt rows cost otherwise).
             self.speculator.observe_step(plan.num_rows, seconds)
-        self._propose()
+        propose_drafts(
+            self.scheduler.running, self.speculator, self.jump_forward, self.max_model_len,
+            self.model_config.vocab_size,
+        )  # fmt: skip
         return outputs
 
     # -- faults -----------------------------------------------------------------------------
@@ -328,7 +286,7 @@ class Engine:
         req.spec_token_ids = []
         self.scheduler.finish(req, "error")
         self.requests.pop(req.request_id, None)
-        return self._output(req)
+        return to_output(req)
 
     @staticmethod
     def _sampling_rows(plan: StepPlan) -> list[SamplingRow]:
@@ -374,7 +332,7 @@ class Engine:
         if s.num_drafts and not req.drafts_forced:
             self.speculator.observe(req, s.num_drafts, len(tokens) - 1)
         req.drafts_forced = False
-        reason = self._append(req, tokens, logprobs)
+        reason = append_tokens(req, tokens, logprobs, self.max_model_len)
         # KV is valid up to the last accepted draft: rejected rows are neither credited nor
         # published to the prefix cache.
         computed = s.start + s.num_rows - (s.num_drafts - (len(tokens) - 1))
@@ -384,77 +342,11 @@ class Engine:
             self.scheduler.finish(req, reason)
             if self.speculator is not None:
                 self.speculator.finished(req)
-        out = self._output(req)
+        out = to_output(req)
         if req.finished:
             del self.requests[req.request_id]
         return out
 
-    def _append(self, req: Request, tokens: list[int], logprobs) -> str | None:
-        """Append tokens one by one until one ends the request; returns the finish reason."""
-        for tok, lp in zip(tokens, logprobs):
-            req.append_token(tok)
-            if req.logprobs is not None:
-                req.logprobs.append(lp)
-            if req.grammar is not None:
-                req.grammar.accept(tok)
-                if req.grammar.failed:
-                    raise RequestFailed(f"the output left its constraint: {req.grammar.failed}")
-                if req.grammar.done:  # complete: nothing but the end may follow
-                    req.detokenizer.add(tok)
-                    return "stop"
-            if tok in req.stop_ids or req.detokenizer.add(tok):
-                return "stop"
-            if (
-                req.num_output_tokens >= req.params.max_tokens
-                or req.num_tokens >= self.max_model_len
-            ):
-                return "length"
-        return None
-
-    def _propose(self) -> None:
-        """Drafts for each running request about to decode (its KV all computed but for its
-        last token), with room for at least one draft and the token after it: the tokens its
-        grammar forces (jump-forward), else the speculator's."""
-        ready = []
-        for req in self.scheduler.running:
-            room = min(
-                req.params.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens
-            )
-            if req.num_computed_tokens == req.num_tokens - 1 and room > 1:
-                ready.append((req, room))
-        speculate = []
-        for req, room in ready:
-            forced = req.grammar.forced(room - 1) if self.jump_forward and req.grammar else []
-            if forced:  # verified like any draft, so the output stays masked decoding's
-                req.spec_token_ids, req.drafts_forced = forced, True
-            elif req.params.speculative and self.speculator is not None:
-                speculate.append((req, room))
-        if speculate:
-            self.speculator.plan(speculate)
-        vocab = self.model_config.vocab_size
-        for req, _ in ready:
-            # A draft the kernels cannot index ends the drafts: never a bad read mid-step.
-            drafts = req.spec_token_ids
-            valid = next(
-                (i for i, t in enumerate(drafts) if not (isinstance(t, int) and 0 <= t < vocab)),
-                len(drafts),
-            )
-            del drafts[valid:]
-
     def prompt_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
         """(T, V) logits at every position of one sequence (engine/scoring.py)."""
         return scoring.prompt_logits(self, token_ids, chunk)
-
-    def _output(self, req: Request) -> RequestOutput:
-        done = req.finished
-        completion = CompletionOutput(
-            index=0,
-            text=req.detokenizer.visible_text(done),
-            token_ids=req.output_token_ids,
-            finish_reason=req.finish_reason,
-            logprobs=req.logprobs,
-        )
-        return RequestOutput(
-            req.request_id, req.prompt, req.prompt_token_ids, [completion], done, req.error,
-            req.prompt_logprobs, req.num_cached_tokens or 0,
-        )  # fmt: skip
