@@ -9,6 +9,7 @@
   picks a replica (`routing.Router`: prefix-aware by default), forwards, and streams the answer
   back. A replica that fails before answering is marked down and the request tries another
   once; one that fails mid-answer ends that answer with an OpenAI-style error.
+- `/metrics` at the router merges every replica's, each series labelled `replica` (metrics.py).
 - Replicas on one machine split its cores: replica i pins itself to its share
   (`os.sched_setaffinity`) and runs that many threads, so their OpenMP teams do not contend.
 
@@ -25,10 +26,12 @@ import os
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from slimserve.distributed.metrics import merge_metrics
 from slimserve.distributed.routing import Router
 
 logger = logging.getLogger("slimserve")
@@ -124,6 +127,14 @@ class EngineReplica:
             elif m["type"] == "http.response.body" and m.get("body"):
                 yield m["body"]
 
+    async def metrics(self) -> str:
+        """This replica's /metrics text (the router merges every replica's: metrics.py)."""
+        body = b""
+        async for m in _asgi(self.app, "GET", "/metrics", "", [], b"", asyncio.Event()):
+            if m["type"] == "http.response.body":
+                body += m.get("body", b"")
+        return body.decode()
+
     def stats(self) -> dict:
         s = self.engine.stats()
         return {
@@ -185,6 +196,21 @@ def _ingress_app():
 
             replicas = await asyncio.gather(*(one(h) for h in self.engines))
             return {"router": self.router.summary(), "replicas": replicas}
+
+        @app.get("/metrics")
+        async def metrics(self):
+            """Every replica's metrics, labelled `replica`: one scrape sees the whole service."""
+
+            async def one(h):
+                try:
+                    return await asyncio.wait_for(h.metrics.remote(), timeout=5)
+                except Exception as e:  # down or restarting: slimserve_replica_up says so
+                    logger.warning("a replica's metrics did not come: %r", e)
+                    return None
+
+            texts = await asyncio.gather(*(one(h) for h in self.engines))
+            body = merge_metrics(dict(enumerate(texts)))
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
 
         @app.api_route("/{path:path}", methods=["GET", "POST"])
         async def proxy(self, path: str, request: Request):

@@ -94,6 +94,23 @@ def test_shared_prefix_requests_land_on_one_replica(cluster):
     assert not cores[0] & cores[1] or len(os.sched_getaffinity(0)) < 2
 
 
+def test_router_metrics_merge_every_replica(cluster):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(cluster + "/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    up = {s.labels["replica"]: s.value for s in families["slimserve_replica_up"].samples}
+    assert up == {"0": 1.0, "1": 1.0}
+    # Each replica's series under its own label: its step count is the one its engine reports
+    # (nothing runs between the two reads).
+    steps = {s.labels["replica"]: s.value for s in families["slimserve_engine_steps"].samples
+             if s.name.endswith("_total")}  # fmt: skip
+    replicas = _stats(cluster)["replicas"]
+    assert steps == {str(i): float(rep["steps"]) for i, rep in enumerate(replicas)}
+    assert sum(steps.values()) > 0  # the earlier tests' requests ran somewhere
+
+
 def test_a_killed_replica_is_routed_around_and_replaced(cluster):
     import openai
 
