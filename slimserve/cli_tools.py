@@ -66,6 +66,12 @@ def add_tool_parsers(sub) -> None:
         default=True,
         help="also run llama.cpp's llama-bench when installed",
     )
+    lat.add_argument(
+        "--ik-llama-bench",
+        default=None,
+        metavar="PATH",
+        help="also run this llama-bench of ik_llama.cpp (built from its source) with -rtr 1",
+    )
     add_engine_args(lat)
     thr = bsub.add_parser(
         "throughput", help="offline batch throughput, side by side with llama.cpp"

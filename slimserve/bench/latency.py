@@ -58,25 +58,32 @@ def _random_prompt(vocab: int, n: int, seed: int) -> list[int]:
     return torch.randint(100, vocab - 100, (n,), generator=g).tolist()
 
 
-def _peer_runner(args, engine):
-    """A function running one round of llama.cpp's `llama-bench` on the same model and thread
-    count, or None when peers are off or llama.cpp is not installed."""
-    if not args.peers:
-        return None
+def _peer_runners(args, engine) -> dict:
+    """Name -> a function running one round of that peer's `llama-bench` on the same model and
+    thread count: llama.cpp's when installed (and peers are on), ik_llama.cpp's (with its
+    run-time repacking, -rtr 1) when a binary is given."""
     from slimserve.bench.peers import llama_bench, llama_server_binary
 
-    if llama_server_binary() is None:
-        return None
-    threads = torch.get_num_threads()
-    return lambda: llama_bench(
-        engine.source.path, threads, args.prompt_len, args.decode_tokens, runs=1
-    )
+    threads, model = torch.get_num_threads(), engine.source.path
+    shape = (args.prompt_len, args.decode_tokens)
+    runners = {}
+    if args.peers and llama_server_binary() is not None:
+        runners["llama.cpp"] = lambda: llama_bench(model, threads, *shape, runs=1)
+    if getattr(args, "ik_llama_bench", None):
+        exe = args.ik_llama_bench
+        runners["ik_llama.cpp"] = lambda: llama_bench(
+            model, threads, *shape, runs=1, exe=exe, extra=("-rtr", "1")
+        )
+    return runners
 
 
 def run_latency(args) -> dict:
     from slimserve.cli import make_llm
     from slimserve.kv_cache.spec import kv_bytes_per_token
 
+    ik = getattr(args, "ik_llama_bench", None)
+    if ik and not (os.path.isfile(ik) and os.access(ik, os.X_OK)):  # before the model loads
+        raise FileNotFoundError(f"--ik-llama-bench: {ik} is not an executable file")
     llm = make_llm(args, progress=False)
     engine = llm.engine
     vocab = engine.model_config.vocab_size
@@ -93,16 +100,17 @@ def run_latency(args) -> dict:
                 first = time.perf_counter()
         return first - t0, time.perf_counter() - first, n
 
-    peer_runs = _peer_runner(args, engine)
-    prefill, decode, peer_rounds = [], [], []
+    peers = _peer_runners(args, engine)
+    prefill, decode = [], []
+    peer_rounds: dict[str, list[dict]] = {name: [] for name in peers}
     for run in range(args.runs + 1):  # run 0 warms up
         ttft, _, _ = timed(_random_prompt(vocab, args.prompt_len, seed=run), 1)
         _, rest, n = timed(_random_prompt(vocab, 32, seed=100 + run), args.decode_tokens)
         if run:
             prefill.append(args.prompt_len / ttft)
             decode.append((n - 1) / rest)
-            if peer_runs is not None:  # one llama-bench round after each of ours: same drift
-                peer_rounds.append(peer_runs())
+            for name, one_round in peers.items():  # after each of ours: the same drift
+                peer_rounds[name].append(one_round())
     decode_tok_s = statistics.median(decode)
     step_bytes = decode_bytes_per_step(
         engine.model,
@@ -132,24 +140,22 @@ def run_latency(args) -> dict:
         f"memory bandwidth: {bw / 1e9:.1f} GB/s measured; decode reaches "
         f"{100 * result['bandwidth_fraction']:.0f}% of it"
     )
-    if args.peers:
-        if not peer_rounds:
-            result["llama.cpp"] = "skipped: not installed (pip install 'slimserve[bench]')"
-            print("llama.cpp: skipped (not installed)")
-        else:
-            peer = {
-                k: statistics.median(r[k] for r in peer_rounds)
-                for k in ("prefill_tok_s", "decode_tok_s")
-            }
-            peer["rounds"] = peer_rounds
-            result["llama.cpp"] = peer
-            print(
-                "llama.cpp (llama-bench, rounds alternating with ours): prefill "
-                f"{peer['prefill_tok_s']:.1f} tok/s, decode {peer['decode_tok_s']:.1f} tok/s "
-                "-> ratios: prefill "
-                f"{result['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
-                f"{decode_tok_s / peer['decode_tok_s']:.2f}x"
-            )
+    if args.peers and "llama.cpp" not in peers:
+        result["llama.cpp"] = "skipped: not installed (pip install 'slimserve[bench]')"
+        print("llama.cpp: skipped (not installed)")
+    for name, rounds in peer_rounds.items():
+        peer = {
+            k: statistics.median(r[k] for r in rounds) for k in ("prefill_tok_s", "decode_tok_s")
+        }
+        peer["rounds"] = rounds
+        result[name] = peer
+        print(
+            f"{name} (llama-bench, rounds alternating with ours): prefill "
+            f"{peer['prefill_tok_s']:.1f} tok/s, decode {peer['decode_tok_s']:.1f} tok/s "
+            "-> ratios: prefill "
+            f"{result['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
+            f"{decode_tok_s / peer['decode_tok_s']:.2f}x"
+        )
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

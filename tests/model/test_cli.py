@@ -84,6 +84,12 @@ def test_bench_latency_writes_json(tmp_path):
     assert data["machine"]["cpus"] >= 1
 
 
+def test_bench_latency_names_a_missing_ik_llama_bench(tmp_path):
+    r = slimserve("bench", "latency", "--ik-llama-bench", str(tmp_path / "llama-bench"))
+    assert r.returncode == 2
+    assert "--ik-llama-bench" in r.stderr and "not an executable file" in r.stderr
+
+
 def test_bench_throughput_with_transformers_peer(tmp_path):
     """The offline bench runs transformers generate on the same prompts as the slow reference."""
     out = tmp_path / "thr.json"
