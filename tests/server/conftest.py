@@ -11,6 +11,8 @@ import pytest
 from slimserve.bench.peers import free_port, wait_healthy
 
 API_KEY = "test-key"
+MODEL = "smollm2"  # the name the server is started with
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 class ServerProcess:
@@ -52,7 +54,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def server():
-    srv = ServerProcess("--api-key", API_KEY, "--served-model-name", "smollm2")
+    srv = ServerProcess("--api-key", API_KEY, "--served-model-name", MODEL)
     yield srv
     srv.stop()
 

@@ -3,7 +3,7 @@ cached_tokens."""
 
 import httpx
 
-from .test_api import MODEL, QUESTION
+from .conftest import MODEL, QUESTION
 
 
 def test_tokenize_detokenize_props(http, llm, client):
