@@ -293,6 +293,9 @@ static inline int reads_eight_bit(const Int4Weight *w) {
 #ifndef ZHINT /* where that fetch lands: L1 (T0), or L2 (T1) for a longer distance */
 #define ZHINT _MM_HINT_T0
 #endif
+#ifndef SPLIT_TAIL
+#define SPLIT_TAIL 1
+#endif
 #ifndef ZFETCH
 #define ZFETCH 2048 /* bytes ahead: the first pass over a tile streams its codes */
 #endif
@@ -343,14 +346,28 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
     while ((tiles * passes) % nt && tiles * passes < 8 * nt && M / (passes + 1) >= 16) passes++;
     const int64_t per = ((M + passes - 1) / passes + ZR - 1) / ZR * ZR; /* <= ZROWS */
     passes = (M + per - 1) / per;
-    const int64_t items = tiles * passes;
+    /* Too few rows for shorter passes (8-31), and tiles that do not divide over the threads:
+       the last tiles % nt tiles are cut by rows instead, a part for each thread. Thread c's
+       items are then its whole tiles, then its part of each cut tile (static scheduling gives
+       each thread `mine` consecutive items). */
+    const int64_t rem = tiles % nt, whole = (tiles - rem) / nt, mine = whole + rem;
+    const int cut = SPLIT_TAIL && passes == 1 && rem && M >= nt * ZR;
+    const int64_t part = ((M + nt - 1) / nt + ZR - 1) / ZR * ZR; /* rows of a cut tile's part */
+    const int64_t items = cut ? nt * mine : tiles * passes;
     const __m512i idx[2] = {zindex(0), zindex(1)};
     const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
     /* (tile, pass) items, so that a few tiles of many rows still split evenly over threads */
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; it++) {
-        const int64_t t = it / passes, m0 = it % passes * per;
-        const int64_t mr = M - m0 < per ? M - m0 : per;
+        int64_t t = it / passes, m0 = it % passes * per, mr = M - m0 < per ? M - m0 : per;
+        if (cut) {
+            const int64_t c = it / mine, k = it % mine;
+            t = k < whole ? c * whole + k : nt * whole + (k - whole);
+            m0 = k < whole ? 0 : c * part;
+            mr = k < whole ? M : (M - m0 < part ? M - m0 : part);
+            if (mr <= 0) continue;
+        }
+        const int stream = m0 == 0 || cut; /* this item's first pass streams the tile */
         const uint8_t *wt = w->packed + t * Kp * (TILE / 2);
         const uint16_t *sz_t = w->sz + t * TILE * 2;
         float acc[ZROWS * TILE] __attribute__((aligned(64)));
@@ -360,7 +377,7 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
             const float *d = a->d + m0 * nb + j;
             const int32_t *c = a->s + m0 * nb + j;
             const uint16_t *szj = sz_t + ((g0 + j * QB) / group) * n_pad * 2;
-            if (m0 == 0) { /* the first pass streams the tile: scales and codes fetched ahead */
+            if (stream) { /* the first pass streams the tile: scales and codes fetched ahead */
                 if (SZ_AHEAD && j + SZ_AHEAD < nb) {
                     const char *next =
                         (const char *)(sz_t + ((g0 + (j + SZ_AHEAD) * QB) / group) * n_pad * 2);
@@ -369,7 +386,7 @@ static void tiles_part_zmm(const Int4Weight *w, int64_t M, const QuantRows *a, f
             }
             /* groups g and g + 2: the low and the high nibbles of one vpermt2b's bytes */
             for (int g = 0; g < 2; g++) {
-                if (m0 == 0) /* the first pass streams the tile: half its codes' fetch per g */
+                if (stream) /* the first pass streams the tile: half its codes' fetch per g */
                     for (int l = 8 * g; ZFETCH && l < 8 * g + 8; l++) {
                         _mm_prefetch((const char *)(wt + j * QB * (TILE / 2) + ZFETCH + 64 * l),
                                      ZHINT);

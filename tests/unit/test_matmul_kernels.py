@@ -77,6 +77,7 @@ def _variant(flags):
         (192, 256, 32, "mixed", False, 3),  # 4- and 8-bit shards: two 4-bit halves
         (320, 576, 32, False, True, 70),  # 512-bit tiles: a pass of 64 rows and one of 6
         (192, 512, 64, True, False, 9),  # ... 8-bit as one byte, groups of 64
+        (576, 576, 32, False, True, 8),  # 9 tiles at 8 rows: the last one cut by rows
     ],
 )
 def test_int4_matmul_matches_dequantized_weights(N, K, group, eight_bit, bias, M, variant):
@@ -116,14 +117,16 @@ def test_int4_matmul_rows_do_not_depend_on_the_batch():
     """A row's output is bit-identical alone or batched: serving results don't depend on who
     else is in the step."""
     torch.manual_seed(1)
-    lin = _int4_linear(320, 576, 32, False)
-    x = torch.randn(9, 576)
-    args = (lin.packed, lin.scales_zeros, lin.group, lin.doubled, lin.out_features)
-    batched = kernels.int4_matmul(x, *args)
-    if batched is None:
-        pytest.skip("the int4 kernel needs AVX2")
-    for i in (0, 4, 8):
-        assert torch.equal(kernels.int4_matmul(x[i : i + 1], *args), batched[i : i + 1])
+    # 5 and 9 tiles at 9 and 8 rows: the odd tile is cut by rows over the threads
+    for N, M in ((320, 9), (576, 8)):
+        lin = _int4_linear(N, 576, 32, False)
+        x = torch.randn(M, 576)
+        args = (lin.packed, lin.scales_zeros, lin.group, lin.doubled, lin.out_features)
+        batched = kernels.int4_matmul(x, *args)
+        if batched is None:
+            pytest.skip("the int4 kernel needs AVX2")
+        for i in (0, 4, M - 1):
+            assert torch.equal(kernels.int4_matmul(x[i : i + 1], *args), batched[i : i + 1])
 
 
 def test_wide_and_narrow_paths_give_the_same_bits():
