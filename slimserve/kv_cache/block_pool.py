@@ -1,7 +1,11 @@
 """A ref-counted pool of KV blocks with an O(1) LRU free list.
 
 Freed blocks keep their contents (and, with prefix caching, their hash) until the pool hands them
-out again, oldest-freed first; so a block can be revived by a later cache hit for free.
+out again, oldest-freed first; so a block can be revived by a later cache hit for free. A freed
+block with no hash (prefix caching off, or a request's partial last block) holds nothing a hit
+could use, so it goes to the front and is handed out before any cached block is evicted: the
+pool then reuses the same, already resident blocks instead of walking through pages it has never
+touched (the KV cache's pages become resident as they are first written).
 
 Block ids run from 1 to num_blocks: id 0 is the null block (NULL_BLOCK), which the cache tensors
 hold but the pool never hands out; block tables are padded with it.
@@ -39,6 +43,11 @@ class FreeBlockQueue:
     def append(self, b: Block) -> None:
         last = self.tail.prev
         last.next, b.prev, b.next, self.tail.prev = b, last, self.tail, b
+        self.size += 1
+
+    def appendleft(self, b: Block) -> None:
+        first = self.head.next
+        self.head.next, b.prev, b.next, first.prev = b, self.head, first, b
         self.size += 1
 
     def remove(self, b: Block) -> None:
@@ -97,13 +106,17 @@ class BlockPool:
         b.ref_cnt += 1
 
     def free(self, blocks) -> None:
-        """Drop one reference from each; blocks reaching 0 join the LRU tail in the given order."""
+        """Drop one reference from each; blocks reaching 0 join the LRU tail in the given order
+        (the front, those with no hash: nothing to keep)."""
         for b in blocks:
             if b.ref_cnt <= 0:
                 raise RuntimeError(f"double free of {b}")
             b.ref_cnt -= 1
             if b.ref_cnt == 0:
-                self.free_queue.append(b)
+                if b.block_hash is None:
+                    self.free_queue.appendleft(b)
+                else:
+                    self.free_queue.append(b)
 
     def cache(self, b: Block, block_hash: bytes, key: tuple) -> None:
         if b.block_hash is not None:

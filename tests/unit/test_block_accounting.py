@@ -175,11 +175,37 @@ def test_double_free_is_caught():
 def test_free_queue_is_lru():
     pool = BlockPool(3)
     a, b, c = pool.allocate(3)
+    for i, x in enumerate((a, b, c)):
+        pool.cache(x, bytes([i]), (None, (i,)))
     pool.free([b, a, c])
     assert [x.block_id for x in pool.free_queue] == [b.block_id, a.block_id, c.block_id]
     pool.touch(a)  # a cache hit revives a from the middle of the list
     assert [x.block_id for x in pool.free_queue] == [b.block_id, c.block_id]
     assert isinstance(pool.free_queue, FreeBlockQueue)
+
+
+def test_uncached_blocks_are_reused_before_cached_ones_are_evicted():
+    """A freed block with no hash holds nothing a hit could use: it is handed out first, so a
+    cached prefix survives and the pool keeps reusing pages it has already touched."""
+    pool = BlockPool(4)
+    a, b, c, d = pool.allocate(4)
+    pool.cache(a, b"a", (None, (1,)))
+    pool.free([a])  # cached: the LRU tail
+    pool.free([b, c])  # no hash: the front, the last freed first
+    assert [x.block_id for x in pool.free_queue] == [c.block_id, b.block_id, a.block_id]
+    assert pool.allocate(2) == [c, b]
+    assert pool.lookup(b"a") is a  # not evicted
+    pool.free([d])
+    assert pool.allocate(1) == [d]  # the block just freed comes straight back
+
+
+def test_a_request_after_another_reuses_its_blocks_without_prefix_caching():
+    kv = KVCacheManager(NUM_BLOCKS, BS, enable_prefix_caching=False)
+    assert kv.allocate_slots("a", 3 * BS, num_computed=0)
+    first = set(kv.block_ids("a"))
+    kv.free("a")
+    assert kv.allocate_slots("b", 3 * BS, num_computed=0)
+    assert set(kv.block_ids("b")) == first
 
 
 def test_priority_orders_admission():
