@@ -69,7 +69,7 @@ def _peer_runners(args, engine) -> dict:
     runners = {}
     if args.peers and llama_server_binary() is not None:
         runners["llama.cpp"] = lambda: llama_bench(model, threads, *shape, runs=1)
-    if getattr(args, "ik_llama_bench", None):
+    if args.ik_llama_bench:
         exe = args.ik_llama_bench
         runners["ik_llama.cpp"] = lambda: llama_bench(
             model, threads, *shape, runs=1, exe=exe, extra=("-rtr", "1")
@@ -81,7 +81,7 @@ def run_latency(args) -> dict:
     from slimserve.cli import make_llm
     from slimserve.kv_cache.spec import kv_bytes_per_token
 
-    ik = getattr(args, "ik_llama_bench", None)
+    ik = args.ik_llama_bench
     if ik and not (os.path.isfile(ik) and os.access(ik, os.X_OK)):  # before the model loads
         raise FileNotFoundError(f"--ik-llama-bench: {ik} is not an executable file")
     llm = make_llm(args, progress=False)

@@ -167,8 +167,8 @@ static inline int32_t quantize_block(const float *x, int8_t *q, float *d_out) {
    one-byte weights u = q + 128 (EIGHT, and z unused) and 8 for 4-bit codes. The float steps per
    output are those of the 256-bit paths, so both give the same bits. pf (or NULL): pfl lines
    from pf on are fetched (`hint`) at each of the 8 steps, so a stream's fetch-ahead is spread
-   over the products instead of issued in one burst (1.04-1.06x on the 8-bit head's tiles at
-   4-32 rows, Zen 4). */
+   over the products instead of issued in one burst (1.05-1.06x on the 8-bit head's tiles at
+   8-16 rows, Zen 4). */
 static inline __attribute__((always_inline)) void zrows(
     const __m512i W[][8], const __m512 *sc, const __m512 *z, const int NG, const int GS,
     const int8_t *xq, int64_t Kx, const float *xd, const int32_t *xs, int64_t nb, const int R,
