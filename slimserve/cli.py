@@ -19,6 +19,10 @@ from slimserve.errors import SlimserveError
 ENGINE_FLAGS = {  # CLI dest -> flat engine setting (slimserve/config.py, FLAT_FIELDS)
     "kv_cache_memory": "kv_cache_memory",
     "kv_cache_dtype": "kv_cache_dtype",
+    "kv_disk_cache": "kv_disk_cache",
+    "kv_disk_cache_size": "kv_disk_cache_size",
+    "session_ttl": "session_ttl",
+    "max_sessions": "max_sessions",
     "block_size": "block_size",
     "max_num_seqs": "max_num_seqs",
     "max_num_batched_tokens": "max_num_batched_tokens",
@@ -51,6 +55,30 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=list(KV_CACHE_DTYPES),
         help=f"{d('kv_cache_dtype')} (default): 2x the tokens of float32 in the same "
         "--kv-cache-memory; int8: per-token scales, ~3.8x",
+    )
+    g.add_argument(
+        "--kv-disk-cache",
+        metavar="DIR",
+        help="keep computed KV blocks on disk here too: prefixes evicted from RAM, or from before "
+        "a restart, are read back instead of recomputed (default off)",
+    )
+    g.add_argument(
+        "--kv-disk-cache-size",
+        metavar="SIZE",
+        help="bound of --kv-disk-cache, e.g. 20GiB (default 8GiB); least recently used out first",
+    )
+    g.add_argument(
+        "--session-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="a finished request with a session_id keeps its KV this long for the session's next "
+        "turn (an agent's tool call between turns); released first under memory pressure "
+        "(default 0: off)",
+    )
+    g.add_argument(
+        "--max-sessions",
+        type=int,
+        help=f"sessions kept at once; a new one past it is refused (default {d('max_sessions')})",
     )
     g.add_argument("--block-size", type=int, help=f"default {d('block_size')}")
     g.add_argument("--max-num-seqs", type=int, help=f"default {d('max_num_seqs')}")

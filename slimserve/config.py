@@ -82,8 +82,22 @@ class CacheConfig:
     # Per token: "float32" 4 bytes a value; "bfloat16" (default) 2, for +0.06% perplexity on the
     # default model and faster decode; "int8" per-token, per-head scales, ~3.8x float32's tokens.
     dtype: str = "bfloat16"
+    # A disk tier under the RAM pool (kv_cache/tiers.py): published blocks are written here and
+    # found again after an eviction or a restart; None: off. `disk_bytes` bounds it.
+    disk_dir: str | None = None
+    disk_bytes: int = 8 << 30
+    # Agent sessions: a finished request with a session_id keeps its blocks this many seconds
+    # for the session's next turn (0: off), at most `max_sessions` sessions at once.
+    session_ttl: float = 0.0
+    max_sessions: int = 256
 
     def __post_init__(self):
+        if self.disk_bytes <= 0:
+            raise InvalidRequest(
+                "the KV disk cache size must be positive", param="kv_disk_cache_size"
+            )
+        if self.session_ttl < 0 or self.max_sessions < 1:
+            raise InvalidRequest("session_ttl must be >= 0 and max_sessions >= 1")
         if self.dtype not in KV_CACHE_DTYPES:
             raise InvalidRequest(
                 f"unknown kv cache dtype {self.dtype!r}; supported: {', '.join(KV_CACHE_DTYPES)}",
@@ -251,6 +265,10 @@ FLAT_FIELDS = {
     "block_size": ("cache", "block_size"),
     "enable_prefix_caching": ("cache", "enable_prefix_caching"),
     "kv_cache_dtype": ("cache", "dtype"),
+    "kv_disk_cache": ("cache", "disk_dir"),
+    "kv_disk_cache_size": ("cache", "disk_bytes"),
+    "session_ttl": ("cache", "session_ttl"),
+    "max_sessions": ("cache", "max_sessions"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "max_model_len": ("scheduler", "max_model_len"),
@@ -265,6 +283,7 @@ FLAT_FIELDS = {
     "expert_cache_memory": (None, "expert_cache_memory"),
     "expert_prefetch": (None, "expert_prefetch"),
 }
+SIZED_FIELDS = ("kv_cache_memory", "expert_cache_memory", "kv_disk_cache_size")
 _SECTIONS = {
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
@@ -289,7 +308,7 @@ def engine_config(model: str | None = None, **flat) -> EngineConfig:
     parts: dict = {section: {} for section in _SECTIONS}
     for key, value in flat.items():
         section, name = FLAT_FIELDS[key]
-        sized = key in ("kv_cache_memory", "expert_cache_memory") and value is not None
+        sized = key in SIZED_FIELDS and value is not None
         parts[section][name] = parse_bytes(value) if sized else value
     return EngineConfig(
         model=model,

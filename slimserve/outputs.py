@@ -26,3 +26,7 @@ class RequestOutput:
     # Per prompt token when asked for (SamplingParams.prompt_logprobs); the first is None.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache
+    num_disk_cached_tokens: int = 0  # of those, tokens whose KV was read from the disk tier
+    # With a session_id: the first prompt position that differs from the session's previous
+    # request's prompt and output (None: nothing kept for the session).
+    session_diverged_at: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,8 @@ from slimserve.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from slimserve.structured import StructuredOutputs
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,9 @@ class SamplingParams:
     speculative: bool = True
     # A JSON schema, regex, choice or grammar the output must follow (slimserve/structured.py).
     structured: StructuredOutputs | None = None
+    # An agent's conversation: with the engine's session_ttl, the KV of this request's blocks is
+    # kept after it finishes, for the session's next turn (kv_cache/manager.py, sessions).
+    session_id: str | None = None
 
     def __post_init__(self):
         # Accept a single string / any iterable for stop fields without making callers wrap them.
@@ -83,6 +89,10 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer")
+        if self.session_id is not None and not (
+            isinstance(self.session_id, str) and _SESSION_ID.fullmatch(self.session_id)
+        ):
+            bad("session_id", "must be 1-128 letters, digits or . _ : -")
         if self.structured is not None:
             from slimserve.structured import StructuredOutputs
 

@@ -5,6 +5,10 @@ asks it for metadata for each layer spec (`build_metadata`), and for the model's
 plan (`run_model`: the modules, or a fused native step where the backend has one); each attention
 layer hands it its new keys and values (`write_kv`) and its queries (`forward`). Layers hold their
 own cache tensors and spec; a backend holds no per-layer state.
+
+The backend also decides the cache's layout (`kv_cache_shape`, `layer_cache`) and how one page (a
+block of one KV group: its tokens in every layer of the group) is gathered to bytes and
+scattered back (`read_page`, `write_page`), which is what a KV tier stores.
 """
 
 from __future__ import annotations
@@ -17,11 +21,38 @@ import torch
 if TYPE_CHECKING:  # the plan's types; the engine imports the backends, not the reverse
     from slimserve.engine.input_batch import StepPlan
     from slimserve.forward_context import ForwardContext
-    from slimserve.kv_cache.spec import AttentionSpec
+    from slimserve.kv_cache.spec import AttentionSpec, KVCacheSpec
 
 
 class AttentionBackend(ABC):
     name: str
+
+    # -- the cache's layout -----------------------------------------------------------------
+    @staticmethod
+    def kv_cache_shape(spec: KVCacheSpec, num_slots: int) -> tuple[int, ...]:
+        """The one tensor every layer's cache is a view of: head-major (Hkv, slots, row) per
+        K/V and member of a KV group. The j-th layer of every group reads tensor j at the slots
+        of its group's blocks, so a block holds its tokens for every layer of one group, and
+        each head's block is a contiguous (block_size, row) tile (what the CPU paths gather)."""
+        return (spec.group_size, 2, spec.num_kv_heads, num_slots, spec.format.width)
+
+    @staticmethod
+    def layer_cache(kv_cache: torch.Tensor, member: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (key, value) cache of the `member`-th layer of each KV group."""
+        return kv_cache[member, 0], kv_cache[member, 1]
+
+    @staticmethod
+    def read_page(kv_cache: torch.Tensor, block_id: int, block_size: int) -> bytes:
+        """A copy of block `block_id`'s page, as bytes."""
+        page = kv_cache[:, :, :, block_id * block_size : (block_id + 1) * block_size]
+        return page.contiguous().view(torch.uint8).numpy().tobytes()
+
+    @staticmethod
+    def write_page(kv_cache: torch.Tensor, block_id: int, block_size: int, data: bytes) -> None:
+        """Block `block_id`'s page from what `read_page` gave."""
+        page = kv_cache[:, :, :, block_id * block_size : (block_id + 1) * block_size]
+        src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        page.copy_(src.view(kv_cache.dtype).view(page.shape))
 
     @abstractmethod
     def build_metadata(self, plan: StepPlan, spec: AttentionSpec):

@@ -89,6 +89,7 @@ class AsyncEngine:
             self._stats = self.engine.stats()
             for out in outputs:
                 self._post(out.request_id, out, out.finished)
+        self.engine.close()  # a clean stop: the disk tier writes what it has queued
 
     def _drain(self) -> None:
         while True:
@@ -137,6 +138,7 @@ class AsyncEngine:
         waiting = self._stats.waiting + self._pending if self._stats else self._pending
         if self.max_queue is not None and waiting >= self.max_queue:
             raise CapacityError(f"the queue is full ({self.max_queue} waiting); retry later")
+        self.engine.check_session(params.session_id)  # a 400 before the response starts
         req = self.engine.make_request(prompt, params, request_id)
         q = queue if queue is not None else asyncio.Queue()
         with self._lock:

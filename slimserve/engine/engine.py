@@ -7,6 +7,7 @@ choice, sampling and verification of the runner's logits, and crediting what was
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import time
@@ -31,6 +32,7 @@ from slimserve.errors import CapacityError, EngineDead, InvalidRequest
 from slimserve.kv_cache.hashing import kv_salt
 from slimserve.kv_cache.manager import KVCacheManager
 from slimserve.kv_cache.spec import kv_cache_spec
+from slimserve.kv_cache.tiers import DiskTier
 from slimserve.loader import open_model
 from slimserve.outputs import RequestOutput
 from slimserve.sampling_params import SamplingParams
@@ -59,6 +61,18 @@ class EngineStats:
     spec_draft_tokens: int = 0  # draft tokens verified
     spec_accepted_tokens: int = 0  # of those, accepted
     spec_verifies: int = 0  # request-steps that verified at least one draft
+    preemptions_swap: int = 0  # of `preemptions`, those whose published blocks a tier kept
+    recomputed_tokens: int = 0  # tokens run again whose KV a request had computed before
+    tier_hits: int = 0  # prompt tokens of prefix hits whose KV was loaded from the disk tier
+    tier_loads: int = 0  # pages loaded from the disk tier
+    tier_saves: int = 0  # pages handed to the disk tier
+    tier_corrupt: int = 0  # disk records that failed verification (recomputed instead)
+    tier_bytes: int = 0  # bytes the disk tier holds
+    kv_ram_bytes: int = 0  # bytes of the RAM pool's blocks in use or cached
+    sessions: int = 0  # agent sessions whose blocks are kept (--session-ttl)
+    session_pinned_blocks: int = 0  # block references they hold
+    sessions_expired: int = 0  # sessions released when their time to live ran out
+    sessions_pressed: int = 0  # sessions released early because the pool was short
 
 
 class Proposer(Protocol):
@@ -97,12 +111,17 @@ class Engine:
             self.source.identity(), cache.dtype, cache.block_size, self.model.quantization,
             config.quant_group_size,
         )  # fmt: skip
+        tier = None
+        if cache.disk_dir and cache.enable_prefix_caching:
+            tier = DiskTier.open(cache.disk_dir, cache.disk_bytes, self.kv_spec.page_bytes)
+            if tier is not None:
+                atexit.register(tier.close)  # queued pages are written on a clean exit
         self.kv = KVCacheManager(
             self.kv_spec.num_blocks, cache.block_size, cache.enable_prefix_caching, salt,
-            self.kv_spec.group_specs,
+            self.kv_spec.group_specs, tier,
         )  # fmt: skip
         self.runner = ModelRunner(self.model, self.model_config, self.kv_spec, native)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.scheduler = Scheduler(config.scheduler, self.kv, cache.session_ttl)
         self.sampler = Sampler(native_argmax=native and kernels.available("argmax"))
         budget = config.scheduler.max_num_batched_tokens
         self.speculator = build_speculator(config.speculative, budget, self)
@@ -185,8 +204,22 @@ class Engine:
         """Hand a request from `make_request` to the scheduler (the engine's thread only)."""
         if req.request_id in self.requests:
             raise InvalidRequest(f"request id {req.request_id!r} is already in use")
+        self.check_session(req.params.session_id)
         self.requests[req.request_id] = req
         self.scheduler.add(req)
+
+    def check_session(self, session_id: str | None) -> None:
+        """Refuse a new session past `max_sessions` (one kept, or running, counts). Reads only
+        a dict's size and keys: any thread may call it."""
+        cache = self.config.cache
+        if session_id is None or not cache.session_ttl or session_id in self.kv.sessions:
+            return
+        if len(self.kv.sessions) >= cache.max_sessions:
+            raise InvalidRequest(
+                f"session_id {session_id!r} would be session {cache.max_sessions + 1}: at most "
+                f"{cache.max_sessions} are kept at once (--max-sessions); reuse one or retry "
+                "after one expires", param="session_id",
+            )  # fmt: skip
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is (waiting, mid-prefill, decoding) and free its blocks."""
@@ -199,6 +232,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def close(self) -> None:
+        """Carry out the page movements still queued and let the disk tier write them."""
+        self._move_kv(self.scheduler.take_kv_ops())
+        self.kv.close()
+
     def stats(self) -> EngineStats:
         kv = self.kv
         return EngineStats(
@@ -209,13 +247,29 @@ class Engine:
             prefix_cache_queries=kv.stats.queries,
             prefix_cache_hits=kv.stats.hits,
             preemptions=self.scheduler.num_preemptions,
+            preemptions_swap=self.scheduler.num_swapped,
+            recomputed_tokens=self.scheduler.recomputed_tokens,
             steps=self._steps,
             last_batch_size=self._last_batch[0],
             last_batch_tokens=self._last_batch[1],
             tokens_computed=self._computed_tokens,
             prompt_tokens_computed=self._prompt_tokens_computed,
             **self._spec_stats(),
+            sessions=len(kv.sessions),
+            session_pinned_blocks=kv.num_pinned,
+            sessions_expired=kv.stats.sessions_expired,
+            sessions_pressed=kv.stats.sessions_pressed,
+            kv_ram_bytes=kv.num_resident * self.kv_spec.page_bytes,
+            **self._tier_stats(),
         )
+
+    def _tier_stats(self) -> dict:
+        kv, tier = self.kv, self.kv.tier
+        if tier is None:
+            return {}
+        return dict(tier_hits=kv.stats.tier_hits, tier_loads=kv.stats.loads,
+                    tier_saves=tier.stats.saves, tier_corrupt=tier.stats.corrupt,
+                    tier_bytes=tier.stats.bytes)  # fmt: skip
 
     def _spec_stats(self) -> dict:
         spec = self.speculator
@@ -229,6 +283,13 @@ class Engine:
         """Run one batch; return an output for every request that advanced or finished."""
         out = self.scheduler.schedule()
         self._last_batch = (len(out.scheduled), out.num_tokens)
+        try:
+            self._move_kv(out.kv_ops)
+        except Exception as e:  # pages that never arrived: recomputed, never served
+            self.kv.load_failed(out.kv_ops)
+            if not out.scheduled:
+                raise
+            return self._contain([r for r, _ in out.scheduled], e)
         if not out.scheduled:
             return []
         self._steps += 1
@@ -250,6 +311,7 @@ class Engine:
         except Exception as e:
             return self._contain([r for r, _ in out.scheduled], e)
         outputs = self._postprocess(plan, samples, scores)
+        self._move_kv(self.scheduler.take_kv_ops())  # the pages of the blocks it filled
         if self.speculator is not None and plan.decode_only:
             # The steps drafts add rows to (prompt rows cost otherwise).
             self.speculator.observe_step(plan.num_rows, seconds)
@@ -258,6 +320,10 @@ class Engine:
             self.model_config.vocab_size,
         )  # fmt: skip
         return outputs
+
+    def _move_kv(self, ops) -> None:
+        if ops:
+            self.runner.execute_kv_ops(ops, self.scheduler.kv_saved)
 
     # -- faults -----------------------------------------------------------------------------
     def _contain(self, reqs: list[Request], error: Exception) -> list[RequestOutput]:
@@ -349,4 +415,8 @@ class Engine:
 
     def prompt_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
         """(T, V) logits at every position of one sequence (engine/scoring.py)."""
-        return scoring.prompt_logits(self, token_ids, chunk)
+        self._move_kv(self.scheduler.take_kv_ops())
+        rid = ("prompt_logits", next(self._ids))  # a tuple: no client request shares its blocks
+        return scoring.prompt_logits(
+            self.scheduler, self.runner, self.kv_spec.block_size, rid, token_ids, chunk
+        )

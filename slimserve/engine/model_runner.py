@@ -20,6 +20,7 @@ from slimserve.config import ModelConfig
 from slimserve.engine.input_batch import StepPlan
 from slimserve.forward_context import ForwardContext, forward_context
 from slimserve.kv_cache.block_pool import NULL_BLOCK
+from slimserve.kv_cache.ops import KVOp
 from slimserve.kv_cache.spec import KVCacheSpec
 from slimserve.layers.attention import Attention
 
@@ -44,23 +45,29 @@ class ModelRunner:
         self.config = model_config
         self.spec = spec
         self.group_specs = spec.group_specs
-        # Head-major (Hkv, slots, row) per K/V and member of a KV group (backends/torch_sdpa.py):
-        # the j-th layer of every group writes tensor j, at the slots of its group's blocks, so
-        # a block (page) holds its tokens for every layer of one group. Block 0 is the null
-        # block, so the tensors hold one block more than the pool hands out.
+        # The backend decides the layout (backends/base.py). Block 0 is the null block, so the
+        # cache holds one block more than the pool hands out.
+        self.backend = make_backend(model_config, native)
         slots = (NULL_BLOCK + 1 + spec.num_blocks) * spec.block_size
-        fmt = spec.format
-        self.kv_cache = lazy_zeros(
-            (spec.group_size, 2, spec.num_kv_heads, slots, fmt.width), fmt.dtype
-        )
+        self.kv_cache = lazy_zeros(self.backend.kv_cache_shape(spec, slots), spec.format.dtype)
         self.layers = [m for m in model.modules() if isinstance(m, Attention)]
         self._built = None  # what a backend prepared (the fused step), kept across rebuilds
         for g, members in enumerate(spec.groups):
             for j, i in enumerate(members):
                 attn = self.layers[i]
-                attn.kv_cache = (self.kv_cache[j, 0], self.kv_cache[j, 1])
+                attn.kv_cache = self.backend.layer_cache(self.kv_cache, j)
                 attn.spec, attn.group = spec.layers[i], g
         self.select_kernels(native)
+
+    def execute_kv_ops(self, ops: list[KVOp], on_saved) -> None:
+        """Carry out the scheduler's page movements in order: a load writes its page into its
+        block; a save gathers its block's page and hands it to `on_saved(op, page)`."""
+        bs = self.spec.block_size
+        for op in ops:
+            if op.is_load:
+                self.backend.write_page(self.kv_cache, op.block_id, bs, op.payload)
+            else:
+                on_saved(op, self.backend.read_page(self.kv_cache, op.block_id, bs))
 
     def select_kernels(self, native: bool) -> None:
         """Settle which native kernels the model's modules run and build the attention backend.
@@ -70,7 +77,10 @@ class ModelRunner:
         store = getattr(self.model, "expert_store", None)
         if store is not None:  # experts on disk: their slot modules follow the same choice
             store.set_native(native)
-        self.backend = make_backend(self.config, native)
+        backend = make_backend(self.config, native)
+        if backend.kv_cache_shape(self.spec, 1) != self.backend.kv_cache_shape(self.spec, 1):
+            raise RuntimeError(f"{backend.name} lays the KV cache out differently")
+        self.backend = backend
         for attn in self.layers:
             attn.backend = self.backend
         built = self.backend.bind(self.model, self.kv_cache, self.spec.block_size, self._built)

@@ -58,6 +58,12 @@ class Request:
             [None] if params.prompt_logprobs is not None else None
         )
         self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache gave it
+        self.num_tier_tokens = 0  # of those, tokens whose KV was loaded from a tier (disk)
+        # With a session_id: where its prompt first differs from the session's last request
+        # (None: the session held nothing, e.g. its first turn, or its time to live ran out).
+        self.session_diverged_at: int | None = None
+        # The most tokens it ever had KV for: rows below this after a preemption are recomputed.
+        self.computed_high = 0
         self.detokenizer = None  # set by the engine: text so far, stop strings
         self.grammar = None  # set by the engine for a constrained request (structured.py)
 

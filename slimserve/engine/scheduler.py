@@ -5,18 +5,27 @@ No prefill or decode phases: every request has `num_computed_tokens` catching up
 `max_num_batched_tokens` tokens, running requests first (a decode costs 1, a verify of k drafts
 k + 1), then waiting ones (a prompt, or a chunk of it). Tokens are credited only after the step,
 up to what was accepted (`commit`): a rejected draft is never credited nor cached. When KV blocks
-run out the latest, lowest-priority running request is preempted: its blocks are freed and it is
-recomputed later (its output does not change).
+run out, the lowest-priority running request that has computed the least is preempted (what it
+loses is smallest): its blocks are freed, its full blocks stay published in the prefix cache
+(and in the disk tier when there is one), so it comes back as a prefix hit and only what was
+lost is recomputed (counted: `recomputed_tokens`). Its output does not change.
+
+The scheduler is the one owner of KV blocks: the draft model's look-ahead and prompt scoring
+reserve and release them through it (`reserve`, `release`), and the page movements the KV
+manager decided (loads from a tier, saves to it) leave with each `SchedulerOutput` (`kv_ops`)
+for the runner to carry out.
 """
 
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from slimserve.config import SchedulerConfig
 from slimserve.engine.request import Request, RequestStatus
 from slimserve.kv_cache.manager import KVCacheManager
+from slimserve.kv_cache.ops import KVOp
 
 
 @dataclass(slots=True)
@@ -26,6 +35,7 @@ class SchedulerOutput:
 
     scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new rows)
     preempted: list[Request] = field(default_factory=list)
+    kv_ops: list[KVOp] = field(default_factory=list)  # page movements before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -41,28 +51,55 @@ def _order(req: Request):
     return (req.priority, req.arrival_time)
 
 
+def _victim_order(req: Request):
+    # The worst priority first; among equals, the one whose preemption loses the least KV.
+    return (req.priority, -req.num_computed_tokens, req.arrival_time)
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, session_ttl: float = 0.0):
         self.config = config
         self.kv = kv
+        self.session_ttl = session_ttl  # how long a finished session request's blocks are kept
         self.waiting: list[Request] = []  # sorted by _order
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
+        self.num_swapped = 0  # of those, with a tier holding its published blocks
+        self.recomputed_tokens = 0  # tokens run again whose KV a request had computed before
 
     def add(self, req: Request) -> None:
         bisect.insort(self.waiting, req, key=_order)
+        self.kv.prefetch(req.all_token_ids)  # a tier reads its prefix ahead while it waits
+
+    def take_kv_ops(self) -> list[KVOp]:
+        """Page movements decided since the last step (the saves of blocks it filled)."""
+        return self.kv.take_ops()
+
+    def kv_saved(self, op: KVOp, payload: bytes) -> None:
+        self.kv.saved(op, payload)
+
+    def reserve(self, request_id, num_tokens: int) -> bool:
+        """Hold blocks for `num_tokens` tokens of `request_id` outside a step: a running
+        request's draft look-ahead, or a scoring pass (any id no client request uses)."""
+        return self.kv.allocate_slots(request_id, num_tokens)
+
+    def release(self, request_id) -> None:
+        """Give back what `reserve` held for an id that is not a scheduled request."""
+        self.kv.free(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        if self.kv.sessions:
+            self.kv.expire_sessions(time.monotonic())
         suspect = next((r for r in self.running if r.suspect), None)
         if suspect is None:
             suspect = next((r for r in self.waiting if r.suspect), None)
         if suspect is not None:
             out = self._alone(suspect)
             if out.scheduled:
-                return out
+                return self._seal(out)
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         i = 0
@@ -72,7 +109,7 @@ class Scheduler:
             while not self.kv.allocate_slots(
                 req.request_id, req.num_computed_tokens + n, num_computed=req.num_computed_tokens
             ):
-                victim = max(self.running[i:], key=_order)
+                victim = max(self.running[i:], key=_victim_order)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -93,6 +130,15 @@ class Scheduler:
                 break
             out.scheduled.append((self.running[-1], n))
             budget -= n
+        return self._seal(out)
+
+    def _seal(self, out: SchedulerOutput) -> SchedulerOutput:
+        """The step's page movements join it; rows that compute KV again are counted."""
+        out.kv_ops = self.kv.take_ops()
+        for req, n in out.scheduled:
+            self.recomputed_tokens += max(
+                0, min(req.num_computed_tokens + n, req.computed_high) - req.num_computed_tokens
+            )
         return out
 
     @staticmethod
@@ -110,12 +156,20 @@ class Scheduler:
             keep = max(0, len(req.prompt_logprobs) - 1) // self.kv.block_size
         hit = self.kv.find_prefix(req.all_token_ids, keep)  # num_computed_tokens is 0 here
         n = min(req.num_tokens - hit.num_tokens, budget)
-        if not self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
+        # Kept sessions give way to new work only when nothing runs (else it waits its turn).
+        if not self.kv.allocate_slots(
+            req.request_id, hit.num_tokens + n, hit, unpin=not self.running
+        ):
             return 0
         self.kv.record_lookup(req.num_tokens, hit)
         req.num_computed_tokens = hit.num_tokens
         if req.num_cached_tokens is None:  # the first admission's hit (not a preemption's)
             req.num_cached_tokens = hit.num_tokens
+            req.num_tier_tokens = hit.stored_tokens
+            if req.params.session_id is not None:
+                req.session_diverged_at = self.kv.diverged_at(
+                    req.params.session_id, req.prompt_token_ids
+                )
         self.waiting.remove(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
@@ -141,11 +195,13 @@ class Scheduler:
         again): a step that raised left its KV unknown."""
         self._preempt(req)
         self.num_preemptions -= 1  # not for want of memory
+        self.num_swapped -= self.kv.tier is not None
 
     def commit(self, req: Request, num_computed: int) -> None:
         """Credit `req` with KV for its first `num_computed` tokens (those accepted: every token
         is in `all_token_ids` by now) and publish its newly full blocks to the prefix cache."""
         req.num_computed_tokens = num_computed
+        req.computed_high = max(req.computed_high, num_computed)
         self.kv.cache_full_blocks(req.request_id, req.all_token_ids, num_computed)
 
     def _preempt(self, req: Request) -> None:
@@ -156,6 +212,7 @@ class Scheduler:
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.num_preemptions += 1
+        self.num_swapped += self.kv.tier is not None
         self.add(req)
 
     def finish(self, req: Request, reason: str) -> None:
@@ -165,4 +222,9 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        sid = req.params.session_id
+        if sid is not None and self.session_ttl > 0 and reason != "error":
+            # Its blocks wait for the session's next turn (released first under pressure).
+            expires = time.monotonic() + self.session_ttl
+            self.kv.pin(sid, req.request_id, req.all_token_ids, expires)
         self.kv.free(req.request_id)

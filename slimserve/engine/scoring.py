@@ -13,33 +13,36 @@ from slimserve.errors import CapacityError
 from slimserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from slimserve.engine.engine import Engine
+    from slimserve.engine.model_runner import ModelRunner
+    from slimserve.engine.scheduler import Scheduler
 
 
 @torch.inference_mode()
-def prompt_logits(engine: Engine, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+def prompt_logits(
+    scheduler: Scheduler, runner: ModelRunner, block_size: int, rid, token_ids: list[int],
+    chunk: int | None = None,
+) -> torch.Tensor:  # fmt: skip
     """(T, V) logits at every position of one sequence, for evaluation and reference tests.
 
     With `chunk`, the sequence runs as chunked prefill: each chunk attends to the earlier
     ones through the KV cache, so the cache's storage (e.g. int8) shows in the logits.
-    Uses free KV blocks for the duration of the call and gives them back."""
+    Reserves free KV blocks under `rid` (an id no client request uses) through the scheduler
+    for the duration of the call and gives them back."""
     n = len(token_ids)
-    # A tuple id: no client request (ids are strings) can ever share these blocks.
-    rid = ("prompt_logits", next(engine._ids))
     req = Request(rid, None, list(token_ids), SamplingParams(), frozenset())
-    if not engine.kv.allocate_slots(rid, n):
+    if not scheduler.reserve(rid, n):
         raise CapacityError(f"{n} tokens do not fit the free KV cache")
     out = []
     try:
         for start in range(0, n, chunk or n):
             req.num_computed_tokens = start
             size = min(chunk or n, n - start)
-            tables = {rid: engine.kv.tables(rid)}
-            plan = build_plan([(req, size)], tables, engine.kv_spec.block_size, all_logits=True)
-            out.append(engine.runner.execute(plan))
+            tables = {rid: scheduler.kv.tables(rid)}
+            plan = build_plan([(req, size)], tables, block_size, all_logits=True)
+            out.append(runner.execute(plan))
         return torch.cat(out)
     finally:
-        engine.kv.free(rid)
+        scheduler.release(rid)
 
 
 def score_prompt(req: Request, start: int, logits: torch.Tensor) -> None:

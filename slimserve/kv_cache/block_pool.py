@@ -77,6 +77,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(NULL_BLOCK + 1, NULL_BLOCK + 1 + num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[bytes, Block] = {}  # block hash -> block holding those tokens
+        self.num_free_cached = 0  # free blocks that still hold a published page
 
     @property
     def num_blocks(self) -> int:
@@ -92,6 +93,7 @@ class BlockPool:
         for _ in range(n):
             b = self.free_queue.popleft()
             if b.block_hash is not None:  # evict its cached identity
+                self.num_free_cached -= 1
                 if self.cached.get(b.block_hash) is b:
                     del self.cached[b.block_hash]
                 b.block_hash = b.key = None
@@ -103,6 +105,7 @@ class BlockPool:
         """Take another reference (a prefix-cache hit); revives a freed block."""
         if b.ref_cnt == 0:
             self.free_queue.remove(b)
+            self.num_free_cached -= b.block_hash is not None
         b.ref_cnt += 1
 
     def free(self, blocks) -> None:
@@ -117,12 +120,23 @@ class BlockPool:
                     self.free_queue.appendleft(b)
                 else:
                     self.free_queue.append(b)
+                    self.num_free_cached += 1
 
-    def cache(self, b: Block, block_hash: bytes, key: tuple) -> None:
+    def cache(self, b: Block, block_hash: bytes, key: tuple) -> bool:
+        """Publish `b` under `block_hash`; False when it already was (e.g. it came from a hit)."""
         if b.block_hash is not None:
-            return  # already published (e.g. it came from a hit)
+            return False
         b.block_hash, b.key = block_hash, key
         self.cached.setdefault(block_hash, b)
+        return True
+
+    def uncache(self, block_id: int) -> None:
+        """Withdraw a block's published identity (a page that never arrived)."""
+        b = self.blocks[block_id - NULL_BLOCK - 1]
+        if b.block_hash is not None and self.cached.get(b.block_hash) is b:
+            del self.cached[b.block_hash]
+        self.num_free_cached -= b.block_hash is not None and b.ref_cnt == 0
+        b.block_hash = b.key = None
 
     def lookup(self, block_hash: bytes) -> Block | None:
         return self.cached.get(block_hash)
@@ -132,3 +146,4 @@ class BlockPool:
         for b in self.blocks:
             b.block_hash = b.key = None
         self.cached.clear()
+        self.num_free_cached = 0

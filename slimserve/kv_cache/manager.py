@@ -5,15 +5,33 @@ The scheduler talks to this, never to the pool. Full blocks are identified by a 
 salt for whatever else shapes the KV (model file, KV dtype, block size, quantization), the same in
 every process. A hit is verified against the stored (parent hash, tokens) key, then shared by
 reference. Blocks freed by a finished request stay cached until the pool reuses them (LRU).
+
+Below the RAM pool there may be a tier (kv_cache/tiers.py: a disk), keyed by the same hashes. A
+lookup that misses RAM asks the tier; a page found there takes a fresh block and a load
+operation (kv_cache/ops.py) that the runner carries out before the forward. Every block
+published is also handed to the tier, as a save operation the runner carries out after the
+step that filled it. The manager is the one place that decides which block holds what.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from slimserve.kv_cache.block_pool import NULL_BLOCK, Block, BlockPool
-from slimserve.kv_cache.hashing import hash_block, kv_salt
+from slimserve.kv_cache.hashing import block_hashes, hash_block, kv_salt
+from slimserve.kv_cache.ops import KVOp
 from slimserve.kv_cache.spec import FULL, AttentionSpec
+
+
+@dataclass(slots=True)
+class Stored:
+    """A block of a hit that a tier holds: it takes a fresh block, and its page is loaded, when
+    the hit is taken (allocate_slots)."""
+
+    block_hash: bytes  # the group hash
+    key: tuple
+    payload: bytes | None = None  # read (and verified) by find_prefix
 
 
 @dataclass(slots=True)
@@ -22,19 +40,42 @@ class PrefixHit:
     are the first KV group's; `others` those of the other groups (window groups: None for blocks
     no later token sees, which need not be cached)."""
 
-    blocks: list[Block]
+    blocks: list[Block | Stored]
     num_tokens: int
-    others: tuple[list[Block | None], ...] = ()
+    others: tuple[list[Block | Stored | None], ...] = ()
     hashes: list[bytes] = field(default_factory=list)  # the chained hash of each hit block
 
-    def per_group(self) -> tuple[list[Block | None], ...]:
+    def per_group(self) -> tuple[list[Block | Stored | None], ...]:
         return (self.blocks, *self.others)
+
+    @property
+    def stored_tokens(self) -> int:
+        """Of `num_tokens`, those whose first group's blocks come from a tier."""
+        return sum(isinstance(b, Stored) for b in self.blocks) * (
+            self.num_tokens // max(len(self.blocks), 1)
+        )
+
+
+@dataclass(slots=True)
+class Session:
+    """An agent's conversation between turns: its last request's published blocks, held (one
+    reference each) until `expires`, and that request's tokens (to say where a next prompt
+    diverged)."""
+
+    blocks: list[Block]
+    tokens: list[int]
+    expires: float
 
 
 @dataclass(slots=True)
 class CacheStats:
     queries: int = 0  # prompt tokens looked up
-    hits: int = 0  # of those, tokens found cached
+    hits: int = 0  # of those, tokens found cached (in RAM or a tier)
+    tier_hits: int = 0  # of those, tokens whose blocks were loaded from the tier
+    loads: int = 0  # pages loaded from the tier
+    saves: int = 0  # pages handed to the tier
+    sessions_expired: int = 0  # sessions whose time to live ran out
+    sessions_pressed: int = 0  # sessions released early: the pool was short
 
 
 class KVCacheManager:
@@ -52,8 +93,13 @@ class KVCacheManager:
         enable_prefix_caching: bool = True,
         salt: bytes | None = None,
         groups: tuple[AttentionSpec, ...] = (FULL,),
+        tier=None,
     ):
         self.block_size = block_size
+        self.tier = tier if enable_prefix_caching else None  # kv_cache/tiers.py
+        self.ops: list[KVOp] = []  # what the runner is to carry out next (take_ops)
+        self.sessions: OrderedDict[str, Session] = OrderedDict()  # oldest pinned first
+        self.num_pinned = 0  # block references the sessions hold
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self.groups = tuple(groups)
@@ -101,36 +147,75 @@ class KVCacheManager:
         n = (len(token_ids) - 1) // bs
         if max_blocks is not None:
             n = min(n, max_blocks)
-        found: list[list[Block | None]] = [[] for _ in self.groups]
+        found: list[list[Block | Stored | None]] = [[] for _ in self.groups]
         hashes = []
         for i in range(n):
             tokens = token_ids[i * bs : (i + 1) * bs]
             digest, key = hash_block(parent, tokens), self._key(parent, tokens)
-            row = []
-            for g in range(len(self.groups)):
-                b = self.pool.lookup(self._group_hash(digest, g))
-                row.append(b if b is not None and b.key == key else None)
+            row = [self._lookup(self._group_hash(digest, g), key) for g in range(len(self.groups))]
             if any(b is None for b, w in zip(row, self.windows) if not w):
                 break  # a full group misses: no longer run exists
             for g, b in enumerate(row):
                 found[g].append(b)
             hashes.append(digest)
             parent = digest
-        h = len(found[0])
-        while (
-            h
-            and not all(  # a window group must hold the blocks its window still sees
-                all(b is not None for b in found[g][self.first_needed(g, h * bs) : h])
-                for g, w in enumerate(self.windows)
-                if w
-            )
+        while True:
+            h = self._visible_run(found)
+            per_group = [
+                [None] * self.first_needed(g, h * bs) + found[g][self.first_needed(g, h * bs) : h]
+                for g in range(len(self.groups))
+            ]
+            bad = self._read_stored(per_group, h)
+            if bad is None:
+                return PrefixHit(per_group[0], h * bs, tuple(per_group[1:]), hashes[:h])
+            for f in found:  # a page the tier could not give: the run ends before it
+                del f[bad:]
+
+    def _lookup(self, block_hash: bytes, key: tuple) -> Block | Stored | None:
+        b = self.pool.lookup(block_hash)
+        if b is not None and b.key == key:
+            return b
+        if self.tier is not None and block_hash in self.tier:
+            return Stored(block_hash, key)
+        return None
+
+    def _visible_run(self, found: list[list[Block | Stored | None]]) -> int:
+        """How many of the found blocks a hit can take: a window group must hold the blocks
+        its window still sees from the first token after the run."""
+        h, bs = len(found[0]), self.block_size
+        while h and not all(
+            all(b is not None for b in found[g][self.first_needed(g, h * bs) : h])
+            for g, w in enumerate(self.windows)
+            if w
         ):
             h -= 1
-        per_group = [
-            [None] * self.first_needed(g, h * bs) + found[g][self.first_needed(g, h * bs) : h]
-            for g in range(len(self.groups))
-        ]
-        return PrefixHit(per_group[0], h * bs, tuple(per_group[1:]), hashes[:h])
+        return h
+
+    def _read_stored(self, per_group, h: int) -> int | None:
+        """Read the tier's pages of a hit of `h` blocks, in block order; the index of the first
+        block whose page could not be read (corrupt, gone), or None when every one was."""
+        for i in range(h):
+            for table in per_group:
+                b = table[i]
+                if isinstance(b, Stored) and b.payload is None:
+                    b.payload = self.tier.get(b.block_hash, b.key)
+                    if b.payload is None:
+                        return i
+        return None
+
+    def prefetch(self, token_ids: list[int]) -> None:
+        """Ask the tier to read ahead the pages of `token_ids`' prefix that RAM does not hold
+        (a request waiting to be admitted)."""
+        if self.tier is None:
+            return
+        n = (len(token_ids) - 1) // self.block_size
+        want = []
+        for digest in block_hashes(token_ids[: n * self.block_size], self.block_size, self.root):
+            for g in range(len(self.groups)):
+                gh = self._group_hash(digest, g)
+                if self.pool.lookup(gh) is None:
+                    want.append(gh)
+        self.tier.prefetch(want)
 
     def allocate_slots(
         self,
@@ -138,12 +223,14 @@ class KVCacheManager:
         num_tokens: int,
         hit: PrefixHit | None = None,
         num_computed: int | None = None,
+        unpin: bool = True,
     ) -> bool:
         """Hold blocks for `num_tokens` tokens in total, sharing `hit` (for a new request), of
         which the first `num_computed` are computed (default: the hit's): window groups first
         give back the blocks no token from there on sees.
 
-        False, with nothing else changed, when the pool is short."""
+        Kept sessions' blocks give way (oldest session first) when the pool is short, unless
+        `unpin` is False. False, with nothing else changed, when it is short all the same."""
         if num_computed is None:
             num_computed = hit.num_tokens if hit else 0
         tables = self.req_blocks.get(request_id)
@@ -159,17 +246,28 @@ class KVCacheManager:
             max(0, total - max(len(t) + len(s), self.first_needed(g, num_computed)))
             for g, (t, s) in enumerate(zip(tables, shared))
         ]
-        # Hit blocks sitting in the free list stop being free once shared.
-        reviving = sum(1 for s in shared for b in s if b is not None and b.ref_cnt == 0)
-        if sum(need) > self.pool.num_free - reviving:
+        # Hit blocks sitting in the free list stop being free once shared; a tier's pages take
+        # fresh blocks.
+        reviving = sum(1 for s in shared for b in s if isinstance(b, Block) and b.ref_cnt == 0)
+        stored = sum(1 for s in shared for b in s if isinstance(b, Stored))
+        while unpin and sum(need) + stored > self.pool.num_free - reviving and self.sessions:
+            self._unpin(next(iter(self.sessions)))  # pinned sessions give way first, oldest first
+            self.stats.sessions_pressed += 1
+            reviving = sum(1 for s in shared for b in s if isinstance(b, Block) and b.ref_cnt == 0)
+        if sum(need) + stored > self.pool.num_free - reviving:
             if not any(tables):
                 del self.req_blocks[request_id]
+            for s in shared:  # pages read for nothing: back to the tier's read-ahead
+                for b in s:
+                    if isinstance(b, Stored) and b.payload is not None:
+                        self.tier.restage(b.block_hash, b.key, b.payload)
             return False
-        for g, table in enumerate(tables):
-            for b in shared[g]:
-                if b is not None:
+        for s in shared:  # every RAM hit first: a fresh block must not evict one of them
+            for b in s:
+                if isinstance(b, Block):
                     self.pool.touch(b)
-            table.extend(shared[g])
+        for g, table in enumerate(tables):
+            table.extend(self._load(b) if isinstance(b, Stored) else b for b in shared[g])
             first = self.first_needed(g, num_computed)
             if len(table) < first:  # a window group's blocks before its window: none held
                 table.extend([None] * (first - len(table)))
@@ -178,6 +276,35 @@ class KVCacheManager:
         if hit and hit.hashes and request_id not in self.req_hashes:
             self.req_hashes[request_id] = list(hit.hashes)
         return True
+
+    def _load(self, stored: Stored) -> Block:
+        """A fresh block published under a tier page's hash, with its load queued."""
+        b = self.pool.allocate(1)[0]
+        self.pool.cache(b, stored.block_hash, stored.key)
+        self.ops.append(KVOp("load", b.block_id, stored.block_hash, stored.key, stored.payload))
+        self.stats.loads += 1
+        return b
+
+    def take_ops(self) -> list[KVOp]:
+        """The page movements queued since the last call, in the order they were decided."""
+        ops, self.ops = self.ops, []
+        return ops
+
+    def saved(self, op: KVOp, payload: bytes) -> None:
+        """The runner gathered a save's page: the tier stores it (off the step)."""
+        self.tier.put(op.block_hash, op.key, payload)
+        self.stats.saves += 1
+
+    def load_failed(self, ops: list[KVOp]) -> None:
+        """Loads the runner did not carry out: their blocks hold nothing a hit may share."""
+        for op in ops:
+            if op.is_load:
+                self.pool.uncache(op.block_id)
+
+    def close(self) -> None:
+        """Let the tier write what it has queued (clean shutdown)."""
+        if self.tier is not None:
+            self.tier.close()
 
     def _release_outside_windows(self, tables: list[list[Block | None]], num_computed: int):
         """Window groups give back their blocks before `first_needed`. What a table no longer
@@ -206,13 +333,16 @@ class KVCacheManager:
             tokens = token_ids[i * bs : (i + 1) * bs]
             digest, key = hash_block(parent, tokens), self._key(parent, tokens)
             for g, table in enumerate(tables):
-                if table[i] is not None:
-                    self.pool.cache(table[i], self._group_hash(digest, g), key)
+                b = table[i]
+                gh = self._group_hash(digest, g)
+                if b is not None and self.pool.cache(b, gh, key) and self.tier is not None:
+                    self.ops.append(KVOp("save", b.block_id, gh, key))
             hashes.append(digest)
 
     def record_lookup(self, num_prompt_tokens: int, hit: PrefixHit) -> None:
         self.stats.queries += num_prompt_tokens
         self.stats.hits += hit.num_tokens
+        self.stats.tier_hits += hit.stored_tokens
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (blocks in use keep their contents; none is freed)."""
@@ -234,6 +364,49 @@ class KVCacheManager:
     def num_held(self, request_id: str) -> int:
         """Blocks the request holds, over all groups."""
         return sum(b is not None for t in self.req_blocks.get(request_id, ()) for b in t)
+
+    # -- sessions ---------------------------------------------------------------------------
+    def pin(self, session_id: str, request_id, tokens: list[int], expires: float) -> None:
+        """Keep the request's published blocks for `session_id` until `expires` (call before
+        `free`); the session's earlier blocks are let go."""
+        blocks = [
+            b for t in self.req_blocks.get(request_id, ()) for b in t
+            if b is not None and b.block_hash is not None
+        ]  # fmt: skip
+        for b in blocks:
+            self.pool.touch(b)
+        self._unpin(session_id)
+        self.sessions[session_id] = Session(blocks, list(tokens), expires)
+        self.num_pinned += len(blocks)
+
+    def _unpin(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self.pool.free(reversed(session.blocks))
+            self.num_pinned -= len(session.blocks)
+
+    def expire_sessions(self, now: float) -> None:
+        for sid in [sid for sid, s in self.sessions.items() if s.expires <= now]:
+            self._unpin(sid)
+            self.stats.sessions_expired += 1
+
+    def diverged_at(self, session_id: str, token_ids: list[int]) -> int | None:
+        """The first position where `token_ids` differs from the tokens of the session's last
+        request (prompt and output); None when the session holds nothing."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return None
+        n = 0
+        for a, b in zip(session.tokens, token_ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    @property
+    def num_resident(self) -> int:
+        """Blocks holding a page someone can use: in use, or freed and still published."""
+        return self.num_blocks - self.num_free_blocks + self.pool.num_free_cached
 
     def free(self, request_id: str) -> None:
         # Tail blocks first into the LRU list: a prefix's later blocks are the least likely to be

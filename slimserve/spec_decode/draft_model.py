@@ -94,7 +94,8 @@ class DraftModelProposer:
             kv_cache_spec(source.config, econf.cache), num_blocks=engine.kv_spec.num_blocks
         )
         self.runner = ModelRunner(self.model, source.config, spec, native)
-        self.kv, self.block_size = engine.kv, spec.block_size
+        # Blocks come from the target's scheduler (the one owner); their ids are read from its KV.
+        self.scheduler, self.kv, self.block_size = engine.scheduler, engine.kv, spec.block_size
         self.min_confidence = min_confidence
         self.source_name = source.name
         # Time and tokens of the one-row rounds (not the catch-up): a draft token's cost.
@@ -158,7 +159,7 @@ class DraftModelProposer:
         """Drafts whose KV rows (all but the last draft's) fit blocks the request holds or can
         get now; the scheduler asks for the same blocks when it runs the verify."""
         rid = req.request_id
-        if not self.kv.allocate_slots(rid, req.num_tokens + cap - 1):
+        if not self.scheduler.reserve(rid, req.num_tokens + cap - 1):
             held = len(self.kv.block_ids(rid)) * self.block_size
             cap = min(cap, held - req.num_tokens + 1)
         return cap

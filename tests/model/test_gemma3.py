@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from slimserve import LLM, SamplingParams
-from slimserve.engine.scoring import prompt_logits
 from slimserve.loader.resolve import PACKAGED_MODELS, packaged_model_path
 
 from .test_parity import hf_greedy, hf_logits
@@ -128,7 +127,7 @@ def test_logits_match_transformers_across_the_window(gemma, hf_gemma, long_ids):
     ref = hf_logits(hf_gemma, ids)
     # In chunks: the later ones read the window from the cache (a whole prompt past the window,
     # attending to its own keys masked, is the tiny Gemma's case in tests/unit/test_hf_models.py)
-    ours = prompt_logits(gemma.engine, ids, 96)
+    ours = gemma.engine.prompt_logits(ids, 96)
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
     assert (ours - ref).abs().max().item() <= 2e-3
     # 15 window layers and every sixth global; attending in full from every layer moves the

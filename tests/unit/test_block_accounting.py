@@ -10,6 +10,7 @@ from slimserve.engine.scheduler import Scheduler
 from slimserve.kv_cache.block_pool import BlockPool, FreeBlockQueue
 from slimserve.kv_cache.manager import KVCacheManager
 from slimserve.kv_cache.spec import FULL, AttentionSpec
+from slimserve.kv_cache.tiers import DiskTier
 from slimserve.sampling_params import SamplingParams
 
 NUM_BLOCKS, BS = 24, 4
@@ -77,7 +78,13 @@ class EngineBookkeeping(RuleBasedStateMachine):
         for tables in self.kv.req_blocks.values():
             for b in (b for t in tables for b in t if b is not None):
                 holders[b.block_id] = holders.get(b.block_id, 0) + 1
+        for session in self.kv.sessions.values():  # a kept session holds a reference too
+            for b in session.blocks:
+                holders[b.block_id] = holders.get(b.block_id, 0) + 1
+        assert self.kv.num_pinned == sum(len(x.blocks) for x in self.kv.sessions.values())
         free_ids = {b.block_id for b in self.kv.pool.free_queue}
+        cached_free = sum(b.block_hash is not None for b in self.kv.pool.free_queue)
+        assert self.kv.pool.num_free_cached == cached_free
         for b in self.kv.pool.blocks:
             assert b.ref_cnt >= 0
             assert b.ref_cnt == holders.get(b.block_id, 0)
@@ -87,6 +94,7 @@ class EngineBookkeeping(RuleBasedStateMachine):
     def teardown(self):
         for req in list(self.live.values()):
             self.sched.finish(req, "abort")
+        self.kv.expire_sessions(float("inf"))
         assert self.kv.num_free_blocks == NUM_BLOCKS  # no leak
         assert not self.kv.req_blocks
 
@@ -107,6 +115,107 @@ WindowBookkeeping.TestCase.settings = settings(
     max_examples=60, stateful_step_count=40, deadline=None
 )
 TestWindowBlockAccounting = WindowBookkeeping.TestCase
+
+
+class TierBookkeeping(EngineBookkeeping):
+    """The same over a disk tier, with a fake runner whose pages are their blocks' tokens: the
+    page movements the scheduler hands out put the right tokens in every block a request reads,
+    whether its blocks were computed, shared from RAM, or loaded from disk (after RAM forgot)."""
+
+    def __init__(self):
+        import shutil
+        import tempfile
+
+        from tests.unit.test_kv_tiers import PAGE, FakeRunner
+
+        super().__init__()
+        self.dir = tempfile.mkdtemp()
+        self.cleanup = lambda: shutil.rmtree(self.dir, ignore_errors=True)
+        self.tier = DiskTier(self.dir, 1 << 20, PAGE)
+        self.kv = KVCacheManager(NUM_BLOCKS, BS, salt=b"t" * 16, tier=self.tier)
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=10), self.kv)
+        self.runner = FakeRunner()
+
+    @precondition(lambda self: self.live)
+    @rule()
+    def step(self):
+        out = self.sched.schedule()
+        self.runner.execute_kv_ops(out.kv_ops, self.sched.kv_saved)
+        for req, n in out.scheduled:
+            self.runner.compute(
+                self.kv, req.request_id, req.all_token_ids, req.num_computed_tokens,
+                req.num_computed_tokens + n,
+            )  # fmt: skip
+        for req, n in out.scheduled:
+            self.sched.commit(req, req.num_computed_tokens + n)
+        self.runner.execute_kv_ops(self.sched.take_kv_ops(), self.sched.kv_saved)
+        self.tier.flush()
+        for req, _ in out.scheduled:
+            if req.num_computed_tokens == req.num_tokens:
+                req.append_token(7)
+                if req.num_output_tokens >= req.params.max_tokens:
+                    self.sched.finish(req, "length")
+                    del self.live[req.request_id]
+
+    @rule()
+    def forget_ram_cache(self):
+        self.kv.reset_prefix_cache()
+
+    @invariant()
+    def pages_hold_their_tokens(self):
+        from tests.unit.test_kv_tiers import page_of
+
+        for req in self.sched.running:
+            table = self.kv.block_ids(req.request_id)
+            for i in range(req.num_computed_tokens // BS):
+                assert self.runner.pages[table[i]] == page_of(
+                    req.all_token_ids[i * BS : (i + 1) * BS]
+                )
+
+    def teardown(self):
+        super().teardown()
+        self.tier.close()
+        self.cleanup()
+
+
+TierBookkeeping.TestCase.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+TestTierBlockAccounting = TierBookkeeping.TestCase
+
+
+class SessionBookkeeping(EngineBookkeeping):
+    """The same with agent sessions kept between turns: requests carry one of three session ids,
+    a finished one's blocks stay pinned until its session expires or the pool runs short."""
+
+    def __init__(self):
+        super().__init__()
+        self.sched.session_ttl = 1e9
+
+    @rule(
+        prefix=st.sampled_from([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9], []]),
+        extra=st.lists(st.integers(0, 50), min_size=1, max_size=20),
+        max_tokens=st.integers(1, 12),
+        session=st.sampled_from(["s1", "s2", "s3"]),
+    )
+    def add_in_session(self, prefix, extra, max_tokens, session):
+        ids = prefix + extra
+        if self.kv.blocks_needed(len(ids) + max_tokens) > NUM_BLOCKS:
+            return
+        self.n += 1
+        params = SamplingParams(max_tokens=max_tokens, session_id=session)
+        req = Request(f"r{self.n}", None, ids, params, frozenset())
+        self.live[req.request_id] = req
+        self.sched.add(req)
+
+    @rule()
+    def sessions_expire(self):
+        self.kv.expire_sessions(float("inf"))
+        assert not self.kv.sessions and self.kv.num_pinned == 0
+
+
+SessionBookkeeping.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None
+)
+TestSessionBlockAccounting = SessionBookkeeping.TestCase
 
 
 def test_window_groups_give_back_blocks_and_hit_only_what_they_hold():
