@@ -31,6 +31,8 @@ def cmd_bench(args) -> int:
         "scaleout": ("scaleout", "run_scaleout"),
         "ab": ("ab", "run_ab"),
         "cutover": ("cutover", "run_cutover"),
+        "restart": ("restart", "run_restart"),
+        "overload": ("overload", "run_overload"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -55,6 +57,10 @@ def cmd_eval(args) -> int:
 def add_tool_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_kind", required=True)
+    from slimserve.bench import overload, restart
+
+    for module in (restart, overload):  # a bench's flags beside its code (the rest still below)
+        module.register(bsub)
     lat = bsub.add_parser("latency", help="prefill and single-stream decode speed")
     lat.add_argument("--prompt-len", type=int, default=512)
     lat.add_argument("--decode-tokens", type=int, default=128)
@@ -178,8 +184,11 @@ def add_tool_parsers(sub) -> None:
     moe.add_argument("--rounds", type=int, default=2)
     moe.add_argument("--threads", type=int, default=None)
     moe.add_argument("--seed", type=int, default=0)
-    moe.add_argument("--cold", action="store_true",
-                     help="drop each read range from the page cache: misses read the device")
+    moe.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop each read range from the page cache: misses read the device",
+    )
     moe.add_argument("--workdir", default=None, help="where the synthetic model is written")
     moe.add_argument("--output", default=None, help="write results as JSON here")
     so_ = bsub.add_parser("scaleout", help="serve alone vs engine replicas on Ray Serve")

@@ -31,7 +31,6 @@ class EngineCollector:
         for name, doc, value in (
             ("slimserve_prefix_cache_queries", "Prompt tokens looked up", s.prefix_cache_queries),
             ("slimserve_prefix_cache_hits", "Prompt tokens found cached", s.prefix_cache_hits),
-            ("slimserve_preemptions", "Requests preempted", s.preemptions),
             ("slimserve_engine_steps", "Engine steps run", s.steps),
             ("slimserve_tokens_computed", "Tokens the model ran", s.tokens_computed),
             ("slimserve_spec_decode_draft_tokens", "Draft tokens verified", s.spec_draft_tokens),
@@ -43,6 +42,20 @@ class EngineCollector:
             ("slimserve_spec_decode_verifies", "Request-steps with drafts", s.spec_verifies),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily(
+            "slimserve_recomputed_tokens",
+            "Tokens run again whose KV the request had computed before (after a preemption)",
+            value=s.recomputed_tokens,
+        )
+        modes = CounterMetricFamily(
+            "slimserve_preemptions",
+            "Requests preempted: swap (a tier kept their published blocks) or recompute",
+            labels=["mode"],
+        )
+        modes.add_metric(["swap"], s.preemptions_swap)
+        modes.add_metric(["recompute"], s.preemptions - s.preemptions_swap)
+        yield modes
+        yield from _tier_metrics(s)
         yield GaugeMetricFamily(
             "slimserve_spec_decode_mean_accepted_length",
             "Tokens a verify yields on average (accepted drafts + 1)",
@@ -65,6 +78,44 @@ class EngineCollector:
                 "Expert cache capacity",
                 value=store.num_slots * store.slot_bytes,
             )
+
+
+def _tier_metrics(s):
+    """The KV tiers: RAM (the block pool) and, when configured, disk (kv_cache/tiers.py)."""
+    hits = CounterMetricFamily(
+        "slimserve_kv_tier_hits", "Prompt tokens served from each KV tier", labels=["tier"]
+    )
+    hits.add_metric(["ram"], s.prefix_cache_hits - s.tier_hits)
+    hits.add_metric(["disk"], s.tier_hits)
+    yield hits
+    held = GaugeMetricFamily("slimserve_kv_tier_bytes", "Bytes each KV tier holds", labels=["tier"])
+    held.add_metric(["ram"], s.kv_ram_bytes)
+    held.add_metric(["disk"], s.tier_bytes)
+    yield held
+    yield GaugeMetricFamily("slimserve_kv_sessions", "Agent sessions kept", value=s.sessions)
+    yield GaugeMetricFamily(
+        "slimserve_kv_session_pinned_blocks",
+        "KV block references kept sessions hold",
+        value=s.session_pinned_blocks,
+    )
+    released = CounterMetricFamily(
+        "slimserve_kv_session_releases",
+        "Sessions let go: their time to live ran out, or the pool was short",
+        labels=["reason"],
+    )
+    released.add_metric(["expired"], s.sessions_expired)
+    released.add_metric(["pressure"], s.sessions_pressed)
+    yield released
+    for name, doc, value in (
+        ("slimserve_kv_tier_loads", "KV pages loaded from the disk tier", s.tier_loads),
+        ("slimserve_kv_tier_saves", "KV pages written to the disk tier", s.tier_saves),
+        (
+            "slimserve_kv_tier_corrupt_records",
+            "Disk tier records that failed verification (recomputed, never served)",
+            s.tier_corrupt,
+        ),
+    ):
+        yield CounterMetricFamily(name, doc, value=value)
 
 
 class Metrics:

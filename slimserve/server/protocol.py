@@ -154,6 +154,8 @@ class _Common(BaseModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_LIST)] | None = None
     # slimserve's: false keeps this request out of speculative decoding (same output either way)
     speculative: bool = True
+    # slimserve's: an agent's conversation id; with --session-ttl its KV outlives the request
+    session_id: Text | None = None
     # Constraints: OpenAI's, vLLM's current field, and vLLM's earlier (removed in its v0.12) ones.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
@@ -185,6 +187,7 @@ class _Common(BaseModel):
             prompt_logprobs=prompt_logprobs,
             speculative=self.speculative,
             structured=_constraint(self),
+            session_id=self.session_id,
         )
 
     @property

@@ -110,13 +110,27 @@ class _Job:
         prompt = sum(len(p) for p in self.prompts[:: self.body.n])
         completion = sum(len(self._shown(o)[1]) for o in self.finals.values())
         # Per prompt, its first choice's hit (the others share the blocks it computes).
-        cached = sum(o.num_cached_tokens for i, o in self.finals.items() if i % self.body.n == 0)
+        firsts = [o for i, o in self.finals.items() if i % self.body.n == 0]
+        cached = sum(o.num_cached_tokens for o in firsts)
+        disk = sum(o.num_disk_cached_tokens for o in firsts)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
+            # Where the cached tokens came from: the RAM pool or the disk tier (kv_cache/tiers.py).
+            "prompt_tokens_details": {
+                "cached_tokens": cached,
+                "cached_tokens_by_tier": {"ram": cached - disk, "disk": disk},
+                **self._session_details(firsts),
+            },
         }
+
+    def _session_details(self, firsts) -> dict:
+        """With a session_id: where the prompt first differed from the session's last request
+        (null when nothing was kept for it), so an agent can see why a turn missed."""
+        if self.body.session_id is None or not firsts:
+            return {}
+        return {"session_diverged_at": firsts[0].session_diverged_at}
 
     def _shown(self, out) -> tuple[str, list[int]]:
         """The completion's text and tokens as the response shows them."""
