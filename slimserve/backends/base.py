@@ -51,7 +51,9 @@ class AttentionBackend(ABC):
     def write_page(kv_cache: torch.Tensor, block_id: int, block_size: int, data: bytes) -> None:
         """Block `block_id`'s page from what `read_page` gave."""
         page = kv_cache[:, :, :, block_id * block_size : (block_id + 1) * block_size]
-        src = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if isinstance(data, bytes) or memoryview(data).readonly:
+            data = bytearray(data)  # torch.frombuffer wants a writable buffer
+        src = torch.frombuffer(data, dtype=torch.uint8)
         page.copy_(src.view(kv_cache.dtype).view(page.shape))
 
     @abstractmethod

@@ -50,7 +50,7 @@ def _ask(url: str, messages: list[dict], max_tokens: int) -> tuple[float, str, d
     """(TTFT seconds, greedy text, usage) of one streamed chat."""
     import httpx
 
-    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     t0, ttft, parts, usage = time.perf_counter(), None, [], {}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:

@@ -66,6 +66,7 @@ class AsyncEngine:
     def _loop(self, make_engine: Callable[[], Engine]) -> None:
         try:
             self.engine = make_engine()
+            self.engine.warm_up()  # on this thread: the one that runs every step
             self._stats = self.engine.stats()
         except BaseException as e:
             self._build_error = e

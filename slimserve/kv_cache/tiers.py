@@ -48,18 +48,20 @@ def encode_record(block_hash: bytes, key: tuple, payload: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def decode_record(data: bytes, block_hash: bytes) -> tuple[tuple, bytes] | None:
-    """(key, payload) of a record of `block_hash`, or None if it is not one, whole and intact."""
+def decode_record(data: bytes | bytearray, block_hash: bytes) -> tuple[tuple, memoryview] | None:
+    """(key, payload) of a record of `block_hash`, or None if it is not one, whole and intact.
+    The payload is a view of `data` (no copy: a page is hundreds of KB)."""
     if len(data) < _HEAD.size + 4:
         return None
     magic, hlen, h, parent, ntok, nbytes = _HEAD.unpack_from(data)
     if magic != MAGIC or h[:hlen] != block_hash or hlen != len(block_hash):
         return None
+    view = memoryview(data)
     end = _HEAD.size + 4 * ntok + nbytes
-    if len(data) != end + 4 or struct.unpack_from("<I", data, end)[0] != zlib.crc32(data[:end]):
+    if len(data) != end + 4 or struct.unpack_from("<I", data, end)[0] != zlib.crc32(view[:end]):
         return None
     tokens = struct.unpack_from(f"<{ntok}i", data, _HEAD.size)
-    return (parent, tokens), data[_HEAD.size + 4 * ntok : end]
+    return (parent, tokens), view[_HEAD.size + 4 * ntok : end]
 
 
 @dataclass
@@ -87,11 +89,12 @@ class DiskTier:
                 f"({self.record_bytes} bytes)", param="kv_disk_cache_size",
             )  # fmt: skip
         self.stats = TierStats()
-        self._lock = threading.Lock()  # guards _index, _staged, _inflight, stats.bytes
+        self._lock = threading.Lock()  # guards the index, staged and in-flight reads, bytes
         self._index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file size, LRU first
         self._staged: dict[bytes, tuple[tuple, bytes]] = {}
         self._staged_bytes = 0
-        self._inflight: dict[bytes, threading.Event] = {}
+        self._inflight: dict[bytes, threading.Event] = {}  # queued or being read ahead
+        self._started: set[bytes] = set()  # of those, the one the reader is reading
         self._writes: queue.Queue = queue.Queue()
         self._write_bytes = 0
         self._reads: queue.Queue = queue.Queue()
@@ -173,9 +176,11 @@ class DiskTier:
         return len(self._index)
 
     # -- reads ------------------------------------------------------------------------------
-    def _read(self, block_hash: bytes) -> tuple[tuple, bytes] | None:
+    def _read(self, block_hash: bytes) -> tuple[tuple, memoryview] | None:
         try:
-            data = self._path(block_hash).read_bytes()
+            with open(self._path(block_hash), "rb", buffering=0) as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)  # writable: torch reads it in place
+                f.readinto(data)
         except FileNotFoundError:
             self._forget(block_hash, corrupt=False)
             return None
@@ -192,24 +197,36 @@ class DiskTier:
                 self._index.move_to_end(block_hash)
         return record
 
-    def get(self, block_hash: bytes, key: tuple) -> bytes | None:
-        """The page stored under `block_hash` if its record is intact and its key is `key`."""
+    def get(self, block_hash: bytes, key: tuple) -> memoryview | None:
+        """The page stored under `block_hash` if its record is intact and its key is `key`.
+
+        A page the reader has queued but not started is read here instead (the lookup walks a
+        prefix from its start while the reader takes it from its end: two cores read)."""
         with self._lock:
-            staged = self._staged.pop(block_hash, None)
-            if staged is not None:
-                self._staged_bytes -= len(staged[1])
+            staged = self._take_staged(block_hash)
             event = self._inflight.get(block_hash) if staged is None else None
-        if event is not None:  # being read ahead: wait for it rather than read twice
-            event.wait(timeout=5)
-            with self._lock:
-                staged = self._staged.pop(block_hash, None)
-                if staged is not None:
-                    self._staged_bytes -= len(staged[1])
-        record = staged if staged is not None else self._read(block_hash)
+            stolen = event is not None and block_hash not in self._started
+            if stolen:
+                del self._inflight[block_hash]
+        if stolen:
+            record = self._read(block_hash)
+            event.set()
+        else:
+            if event is not None:  # being read ahead: wait for it rather than read twice
+                event.wait(timeout=5)
+                with self._lock:
+                    staged = self._take_staged(block_hash)
+            record = staged if staged is not None else self._read(block_hash)
         if record is None or record[0] != key:
             return None
         self.stats.hits += 1
         return record[1]
+
+    def _take_staged(self, block_hash: bytes):
+        staged = self._staged.pop(block_hash, None)
+        if staged is not None:
+            self._staged_bytes -= len(staged[1])
+        return staged
 
     def restage(self, block_hash: bytes, key: tuple, payload: bytes) -> None:
         """Keep a page a lookup read but could not use (the pool was short) for the next one."""
@@ -237,17 +254,19 @@ class DiskTier:
             todo = self._reads.get()
             if todo is None:
                 return
-            for h in todo:
-                record = None
+            for h in reversed(todo):  # from the end: a lookup reads from the start (get)
                 with self._lock:
+                    if h not in self._inflight:
+                        continue  # a lookup read it itself
+                    self._started.add(h)
                     room = self._staged_bytes + self.page_bytes <= STAGE_BYTES
-                if room and not self._closed:
-                    record = self._read(h)
+                record = self._read(h) if room and not self._closed else None
                 with self._lock:
                     if record is not None:
                         self._staged[h] = record
                         self._staged_bytes += len(record[1])
                     event = self._inflight.pop(h, None)
+                    self._started.discard(h)
                 if event is not None:
                     event.set()
 

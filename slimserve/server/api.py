@@ -7,10 +7,12 @@ Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, mapp
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -25,6 +27,8 @@ from slimserve.server.metrics import Metrics
 from slimserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from slimserve.server.responses import respond
 from slimserve.server.tools import ToolPlan
+
+logger = logging.getLogger("slimserve")
 
 
 def _error(
@@ -145,6 +149,7 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async_engine = AsyncEngine(make_engine, max_queue=max_queue)
+        await _warm(async_engine)
         name = served_name or os.path.splitext(async_engine.engine.model_name)[0]
         app.state.server = Server(async_engine, name, api_key)
         try:
@@ -169,9 +174,26 @@ def tool_plan(body) -> ToolPlan | None:
 
 def create_app(async_engine: AsyncEngine, served_name: str, api_key: str | None = None) -> FastAPI:
     """An app over an engine that is already running (its owner shuts it down)."""
-    app = _app(None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await _warm(async_engine)
+        yield
+
+    app = _app(lifespan)
     app.state.server = Server(async_engine, served_name, api_key)
     return app
+
+
+async def _warm(async_engine: AsyncEngine) -> None:
+    """What the first chat would otherwise pay for, done at startup (the engine warms its own
+    steps, AsyncEngine): anyio's asyncio backend, imported by the first streamed response
+    (~15 ms), and the chat template's compilation (~90 ms with jinja's import)."""
+    await anyio.sleep(0)
+    try:
+        async_engine.engine.tokenizer.compile_template()
+    except Exception as e:  # a template jinja cannot read fails each chat, as before
+        logger.warning("the chat template does not compile: %r", e)
 
 
 def _app(lifespan) -> FastAPI:
