@@ -38,6 +38,7 @@ ENGINE_FLAGS = {  # CLI dest -> flat engine setting (slimserve/config.py, FLAT_F
     "speculative_adaptive": "speculative_adaptive",
     "expert_cache_memory": "expert_cache_memory",
     "expert_prefetch": "expert_prefetch",
+    "memory_budget": "memory_budget",
 }
 
 
@@ -79,6 +80,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--max-sessions",
         type=int,
         help=f"sessions kept at once; a new one past it is refused (default {d('max_sessions')})",
+    )
+    g.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="one RAM budget, e.g. 4GiB, over the weights, the expert cache, the KV cache and the "
+        "disk cache's buffers: the KV cache gets what the rest leaves (at most "
+        "--kv-cache-memory); /props and /metrics report each part",
     )
     g.add_argument("--block-size", type=int, help=f"default {d('block_size')}")
     g.add_argument("--max-num-seqs", type=int, help=f"default {d('max_num_seqs')}")

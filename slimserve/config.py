@@ -240,12 +240,17 @@ class EngineConfig:
     # only MoE we can measure (random weights, docs/benchmarks.md).
     expert_cache_memory: int | None = None
     expert_prefetch: bool = False
+    # One budget (bytes) over the weights, the expert cache, the KV pool (pinned sessions in it)
+    # and the disk tier's buffers: the KV pool gets what the rest leaves (engine/memory.py).
+    memory_budget: int | None = None
 
     def __post_init__(self):
         if self.expert_cache_memory is not None and self.expert_cache_memory <= 0:
             raise InvalidRequest(
                 "expert cache memory must be positive", param="expert_cache_memory"
             )
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise InvalidRequest("the memory budget must be positive", param="memory_budget")
         if self.kernels not in KERNEL_CHOICES:
             raise InvalidRequest(
                 f"unknown kernels setting {self.kernels!r}; supported: auto, none",
@@ -282,8 +287,9 @@ FLAT_FIELDS = {
     "kernels": (None, "kernels"),
     "expert_cache_memory": (None, "expert_cache_memory"),
     "expert_prefetch": (None, "expert_prefetch"),
+    "memory_budget": (None, "memory_budget"),
 }
-SIZED_FIELDS = ("kv_cache_memory", "expert_cache_memory", "kv_disk_cache_size")
+SIZED_FIELDS = ("kv_cache_memory", "expert_cache_memory", "kv_disk_cache_size", "memory_budget")
 _SECTIONS = {
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,

@@ -105,7 +105,7 @@ class Engine:
             self.source, config.quantization, config.quant_group_size, progress, native,
             config.expert_cache_memory, config.expert_prefetch,
         )  # fmt: skip
-        cache = config.cache
+        cache = memory.fit_cache(config.cache, config.memory_budget, self.model, self.model_config)
         self.kv_spec = kv_cache_spec(self.model_config, cache)
         salt = kv_salt(
             self.source.identity(), cache.dtype, cache.block_size, self.model.quantization,
@@ -145,11 +145,16 @@ class Engine:
         logger.info("%s", memory.load_summary(self))
 
     def memory(self) -> dict[str, int]:
-        """Bytes of the packed weights, the KV cache as reserved, and the process's resident
-        set (the KV cache's pages become resident as blocks are first written)."""
+        """Bytes of the packed weights, the KV cache as reserved, the expert cache, the disk
+        tier's buffers at most, kept sessions' pages, and the process's resident set (the KV
+        cache's pages become resident as blocks are first written)."""
         return {
             "weights": memory.weight_bytes(self.model),
             "kv_cache": self.runner.kv_cache.nbytes,
+            "expert_cache": memory.expert_cache_bytes(self.model),
+            "kv_disk_buffers": memory.tier_buffer_bytes(self.config.cache),
+            # Of kv_cache, what kept sessions hold (block references).
+            "sessions_pinned": self.kv.num_pinned * self.kv_spec.page_bytes,
             "resident": memory.resident_bytes(),
         }
 

@@ -36,8 +36,9 @@ logger = logging.getLogger("slimserve")
 
 MAGIC = b"SLIMKV01"
 _HEAD = struct.Struct("<8sB17s16sIQ")  # magic, hash length, hash (padded), parent, ntok, nbytes
-WRITE_QUEUE_BYTES = 256 << 20  # pages waiting for the writer; more are dropped (counted)
-STAGE_BYTES = 256 << 20  # pages read ahead and not yet taken
+WRITE_QUEUE_BYTES = 64 << 20  # pages waiting for the writer; more are dropped (counted)
+STAGE_BYTES = 64 << 20  # pages read ahead and not yet taken
+BUFFER_BYTES = WRITE_QUEUE_BYTES + STAGE_BYTES  # the most RAM the tier holds in pages
 
 
 def encode_record(block_hash: bytes, key: tuple, payload: bytes) -> bytes:

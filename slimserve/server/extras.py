@@ -88,6 +88,8 @@ async def props(request: Request):
             "num_blocks": spec.num_blocks,
             "capacity_tokens": e.capacity_tokens,
             "prefix_caching": cfg.cache.enable_prefix_caching,
+            "session_ttl": cfg.cache.session_ttl,
+            "max_sessions": cfg.cache.max_sessions,
             # per KV group: its layers and window (0: full attention)
             "groups": [
                 {"layers": list(g), "window": s.window}
@@ -102,4 +104,15 @@ async def props(request: Request):
             "num_threads": torch.get_num_threads(),
         },
         "chat_template": srv.tokenizer.chat_template,
+        # Bytes of each part --memory-budget covers (engine/memory.py), and the budget.
+        "memory": {"budget": cfg.memory_budget, **e.memory()},
+        "kv_disk_cache": _disk_props(e),
     }
+
+
+def _disk_props(e) -> dict | None:
+    tier = e.kv.tier
+    if tier is None:
+        return None
+    return {"dir": str(tier.dir), "max_bytes": tier.max_bytes, "bytes": tier.stats.bytes,
+            "pages": len(tier), "saving": tier.saving}  # fmt: skip

@@ -62,6 +62,17 @@ class EngineCollector:
             value=1 + s.spec_accepted_tokens / max(s.spec_verifies, 1),
         )
         engine = getattr(self.async_engine, "engine", None)
+        if engine is not None:
+            parts = GaugeMetricFamily(
+                "slimserve_memory_bytes",
+                "Bytes of each part --memory-budget covers, and the resident set",
+                labels=["part"],
+            )
+            for part, value in engine.memory().items():
+                parts.add_metric([part], value)
+            if engine.config.memory_budget is not None:
+                parts.add_metric(["budget"], engine.config.memory_budget)
+            yield parts
         store = getattr(getattr(engine, "model", None), "expert_store", None)
         if store is not None:  # experts on disk (loader/experts.py)
             st = dict(store.stats)

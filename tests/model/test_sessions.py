@@ -91,3 +91,20 @@ def test_bad_session_ids_and_the_cap(gguf_path):
         llm.generate([[5, 6, 9]], SamplingParams(max_tokens=1, session_id="two"))
     assert e.value.param == "session_id"
     assert llm.generate([[5, 6, 9]], SamplingParams(max_tokens=1))[0].finished  # others go on
+
+
+def test_a_memory_budget_sizes_the_kv_pool_and_refuses_what_cannot_fit(gguf_path):
+    from slimserve.engine.memory import weight_bytes
+
+    probe = LLM(gguf_path, kv_cache_memory="16MiB")
+    weights = weight_bytes(probe.engine.model)
+    llm = LLM(gguf_path, memory_budget=weights + (8 << 20))  # asks 1GiB of KV by default
+    m = llm.engine.memory()
+    assert m["weights"] + m["kv_cache"] + m["expert_cache"] + m["kv_disk_buffers"] <= weights + (
+        8 << 20
+    )
+    assert m["kv_cache"] > 4 << 20
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].finished
+    with pytest.raises(InvalidRequest, match="does not hold weights") as e:
+        LLM(gguf_path, memory_budget=weights // 2)
+    assert e.value.param == "memory_budget"

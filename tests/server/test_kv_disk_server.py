@@ -51,6 +51,11 @@ def test_a_restarted_server_reads_the_prefix_from_disk(tmp_path):
         assert usage.prompt_tokens_details.model_extra["cached_tokens_by_tier"]["disk"] == cached
         assert metric(second, "slimserve_kv_tier_hits_total", '{tier="disk"}') == cached
         assert metric(second, "slimserve_kv_tier_bytes", '{tier="disk"}') > 0
+        props = httpx.get(f"{second.url}/props", headers={"Authorization": f"Bearer {API_KEY}"})
+        disk, mem = props.json()["kv_disk_cache"], props.json()["memory"]
+        assert disk["pages"] > 0 and disk["saving"] and disk["bytes"] > 0
+        assert mem["weights"] > 0 and mem["kv_cache"] > 0 and mem["kv_disk_buffers"] > 0
+        assert metric(second, "slimserve_memory_bytes", '{part="weights"}') == mem["weights"]
     finally:
         second.stop()
 
