@@ -33,6 +33,7 @@ def cmd_bench(args) -> int:
         "cutover": ("cutover", "run_cutover"),
         "restart": ("restart", "run_restart"),
         "overload": ("overload", "run_overload"),
+        "agents": ("agents", "run_agents"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -57,9 +58,9 @@ def cmd_eval(args) -> int:
 def add_tool_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_kind", required=True)
-    from slimserve.bench import overload, restart
+    from slimserve.bench import agents, overload, restart
 
-    for module in (restart, overload):  # a bench's flags beside its code (the rest still below)
+    for module in (restart, overload, agents):  # flags beside the bench's code (the rest: below)
         module.register(bsub)
     lat = bsub.add_parser("latency", help="prefill and single-stream decode speed")
     lat.add_argument("--prompt-len", type=int, default=512)

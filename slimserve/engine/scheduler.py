@@ -156,10 +156,7 @@ class Scheduler:
             keep = max(0, len(req.prompt_logprobs) - 1) // self.kv.block_size
         hit = self.kv.find_prefix(req.all_token_ids, keep)  # num_computed_tokens is 0 here
         n = min(req.num_tokens - hit.num_tokens, budget)
-        # Kept sessions give way to new work only when nothing runs (else it waits its turn).
-        if not self.kv.allocate_slots(
-            req.request_id, hit.num_tokens + n, hit, unpin=not self.running
-        ):
+        if not self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
             return 0
         self.kv.record_lookup(req.num_tokens, hit)
         req.num_computed_tokens = hit.num_tokens

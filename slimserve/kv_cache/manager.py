@@ -223,14 +223,13 @@ class KVCacheManager:
         num_tokens: int,
         hit: PrefixHit | None = None,
         num_computed: int | None = None,
-        unpin: bool = True,
     ) -> bool:
         """Hold blocks for `num_tokens` tokens in total, sharing `hit` (for a new request), of
         which the first `num_computed` are computed (default: the hit's): window groups first
         give back the blocks no token from there on sees.
 
-        Kept sessions' blocks give way (oldest session first) when the pool is short, unless
-        `unpin` is False. False, with nothing else changed, when it is short all the same."""
+        Kept sessions' blocks give way (oldest session first) when the pool is short. False,
+        with nothing else changed, when it is short all the same."""
         if num_computed is None:
             num_computed = hit.num_tokens if hit else 0
         tables = self.req_blocks.get(request_id)
@@ -250,7 +249,7 @@ class KVCacheManager:
         # fresh blocks.
         reviving = sum(1 for s in shared for b in s if isinstance(b, Block) and b.ref_cnt == 0)
         stored = sum(1 for s in shared for b in s if isinstance(b, Stored))
-        while unpin and sum(need) + stored > self.pool.num_free - reviving and self.sessions:
+        while sum(need) + stored > self.pool.num_free - reviving and self.sessions:
             self._unpin(next(iter(self.sessions)))  # pinned sessions give way first, oldest first
             self.stats.sessions_pressed += 1
             reviving = sum(1 for s in shared for b in s if isinstance(b, Block) and b.ref_cnt == 0)
