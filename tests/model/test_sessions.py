@@ -20,7 +20,8 @@ def turn(llm, history):
 
 
 def agent_loop(llm, session):
-    """Turn 1, a flood of unrelated prompts (the tool call's wait), turn 2."""
+    """Turn 1, unrelated prompts that together evict every unpinned block (during the tool
+    call), turn 2."""
     history = [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": "List the files."},
@@ -29,7 +30,8 @@ def agent_loop(llm, session):
     first = llm.generate([turn(llm, history)], p1)[0]
     g = torch.Generator().manual_seed(5)
     flood = [torch.randint(100, 40000, (300,), generator=g).tolist() for _ in range(6)]
-    llm.generate(flood, SamplingParams(max_tokens=4, temperature=0.0))
+    for prompt in flood:  # one at a time: each fits beside a kept session, all of them do not
+        llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0))
     history += [
         {"role": "assistant", "content": first.outputs[0].text},
         {"role": "user", "content": "Open the first one."},
