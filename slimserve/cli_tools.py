@@ -244,6 +244,8 @@ def add_tool_parsers(sub) -> None:
     soak.add_argument("--max-queue", type=int, default=8, help="low, so bursts hit 503")
     soak.add_argument("--kv-cache-memory", default="128MiB")
     soak.add_argument("--sample-s", type=float, default=10.0)
+    soak.add_argument("--serve-args", default="", help="more server flags, e.g. --kv-disk-cache")
+    soak.add_argument("--settle-s", type=float, default=2.0, help="wait before the final check")
     soak.add_argument("--seed", type=int, default=0)
     soak.add_argument("--output", default=None, help="write results as JSON here")
     ab = bsub.add_parser("ab", help="this tree against another commit, alternating rounds")

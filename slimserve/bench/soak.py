@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -42,10 +43,19 @@ async def _client(c: httpx.AsyncClient, rng: random.Random, until: float, counts
         counts[key] = counts.get(key, 0) + 1
 
     while time.monotonic() < until:
-        kind = rng.choice(["chat", "n", "drop", "timeout", "bad", "bad", "logprobs", "long"])
+        kind = rng.choice(["chat", "n", "drop", "timeout", "bad", "bad", "logprobs", "long",
+                           "session", "session"])  # fmt: skip
         msgs = [{"role": "user", "content": f"Question {rng.randrange(10**6)}: tell me a fact."}]
         try:
-            if kind == "chat":
+            if kind == "session":  # a long prefix of its own, one of 8 sessions taking turns
+                sid = rng.randrange(8)
+                words = " ".join(str((sid * 7919 + i) % 10**6) for i in range(400))
+                msgs = [{"role": "system", "content": f"Session {sid} notes: {words}"}, msgs[0]]
+                body = {"messages": msgs, "max_tokens": 8, "session_id": f"soak-{sid}"}
+                r = await c.post("/v1/chat/completions", json=body)
+                ok = r.status_code in (200, 503)
+                count("session ok" if ok else f"session FAILED {r.status_code}")
+            elif kind == "chat":
                 body = {"messages": msgs, "max_tokens": rng.randrange(1, 48), "stream": True}
                 async with c.stream("POST", "/v1/chat/completions", json=body) as r:
                     text = "".join([line async for line in r.aiter_lines()])
@@ -103,15 +113,27 @@ async def _client(c: httpx.AsyncClient, rng: random.Random, until: float, counts
             count(f"transport error {type(e).__name__}")
 
 
+def _tier_bytes(text: str) -> dict:
+    out = {}
+    for tier in ("ram", "disk"):
+        try:
+            out[tier] = _metric(text, f'slimserve_kv_tier_bytes{{tier="{tier}"}}')
+        except KeyError:
+            pass
+    return out
+
+
 def run_soak(args) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "slimserve", "serve", "--port", str(port)]
     cmd += ["--max-queue", str(args.max_queue), "--kv-cache-memory", args.kv_cache_memory]
+    cmd += shlex.split(args.serve_args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_healthy(proc, url, "slimserve serve")
         samples = [(0.0, _rss_mib(proc.pid))]
+        tiers: list[dict] = []  # KV tier bytes at each sample
         counts: dict = {}
 
         async def main():
@@ -126,10 +148,11 @@ def run_soak(args) -> None:
                 while time.monotonic() < until:
                     await asyncio.sleep(args.sample_s)
                     samples.append((time.monotonic() - t0, _rss_mib(proc.pid)))
+                    tiers.append(_tier_bytes((await c.get("/metrics")).text))
                 await asyncio.gather(*tasks)
 
         asyncio.run(main())
-        time.sleep(2)
+        time.sleep(args.settle_s)  # kept sessions expire (past --session-ttl)
         metrics = httpx.get(url + "/metrics").text
         running = _metric(metrics, "slimserve_num_requests_running")
         blocks = _metric(metrics, "slimserve_kv_cache_blocks_used")
@@ -148,6 +171,9 @@ def run_soak(args) -> None:
         "rss_mib": {"start": rss[0], "end": rss[-1], "peak": max(rss)},
         "rss_after_first_minute_mib": warm,
         "growth_after_warm": rss[-1] / warm - 1,
+        "kv_tier_peak_bytes": {
+            t: max((x.get(t, 0) for x in tiers), default=0) for t in ("ram", "disk")
+        },  # fmt: skip
         "running_after": running,
         "kv_blocks_used_after": blocks,
         "healthy_after": healthy,

@@ -66,7 +66,10 @@ class AsyncEngine:
     def _loop(self, make_engine: Callable[[], Engine]) -> None:
         try:
             self.engine = make_engine()
-            self.engine.warm_up()  # on this thread: the one that runs every step
+            try:
+                self.engine.warm_up()  # on this thread: the one that runs every step
+            except Exception as e:  # the first request meets it, through the usual containment
+                logger.warning("warming the engine up failed: %r", e)
             self._stats = self.engine.stats()
         except BaseException as e:
             self._build_error = e
@@ -78,6 +81,8 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
+                if self.engine.idle():  # kept sessions expire while nothing runs too
+                    self._stats = self.engine.stats()
                 continue
             try:
                 outputs = self.engine.step()

@@ -237,6 +237,15 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def idle(self) -> bool:
+        """Housekeeping between steps when nothing runs: expire kept sessions (a step does it
+        otherwise). True when something changed."""
+        if not self.kv.sessions:
+            return False
+        n = len(self.kv.sessions)
+        self.kv.expire_sessions(time.monotonic())
+        return len(self.kv.sessions) != n
+
     def warm_up(self) -> None:
         """Run one short request through a prompt step and decode steps, then forget it: the
         first steps on a thread pay for its OpenMP team, first-touched pages and lazy setup
