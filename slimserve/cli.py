@@ -10,6 +10,7 @@ from slimserve.config import (
     KERNEL_CHOICES,
     KV_CACHE_DTYPES,
     QUANTIZATIONS,
+    SCHEDULING_POLICIES,
     SPECULATIVE_METHODS,
     default_of,
 )
@@ -27,6 +28,8 @@ ENGINE_FLAGS = {  # CLI dest -> flat engine setting (slimserve/config.py, FLAT_F
     "max_num_seqs": "max_num_seqs",
     "max_num_batched_tokens": "max_num_batched_tokens",
     "max_model_len": "max_model_len",
+    "scheduling_policy": "scheduling_policy",
+    "tpot_slo_ms": "tpot_slo_ms",
     "enable_prefix_caching": "enable_prefix_caching",
     "threads": "num_threads",
     "quantization": "quantization",
@@ -96,6 +99,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help=f"per-step token budget (default {d('max_num_batched_tokens')})",
     )
     g.add_argument("--max-model-len", type=int, help="default: the model's context length")
+    g.add_argument(
+        "--scheduling-policy",
+        choices=list(SCHEDULING_POLICIES),
+        help="priority (default): requests' priority (lower first) orders them and a better one "
+        "displaces worse running ones; with equal priorities, arrival order. fcfs: arrival only",
+    )
+    g.add_argument(
+        "--tpot-slo-ms",
+        type=float,
+        metavar="MS",
+        help="time-per-output-token target: while requests decode, prompt chunks are cut so a "
+        "step stays within it (by a step-time model fitted as it runs); long prompts still "
+        "progress every step (default: off, the whole token budget)",
+    )
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction)
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument(

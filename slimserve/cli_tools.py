@@ -34,6 +34,8 @@ def cmd_bench(args) -> int:
         "restart": ("restart", "run_restart"),
         "overload": ("overload", "run_overload"),
         "agents": ("agents", "run_agents"),
+        "priority": ("priority", "run_priority"),
+        "cotenant": ("cotenant", "run_cotenant"),
     }
     module, func = runners[args.bench_kind]
     try:
@@ -58,9 +60,10 @@ def cmd_eval(args) -> int:
 def add_tool_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_kind", required=True)
-    from slimserve.bench import agents, overload, restart
+    from slimserve.bench import agents, cotenant, overload, priority, restart
 
-    for module in (restart, overload, agents):  # flags beside the bench's code (the rest: below)
+    # These benches keep their flags beside their code; the rest are still listed below.
+    for module in (restart, overload, agents, priority, cotenant):
         module.register(bsub)
     lat = bsub.add_parser("latency", help="prefill and single-stream decode speed")
     lat.add_argument("--prompt-len", type=int, default=512)

@@ -109,6 +109,10 @@ class CacheConfig:
             raise InvalidRequest("kv cache memory must be positive")
 
 
+SCHEDULING_POLICIES = ("priority", "fcfs")
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)  # a request's priority: a 32-bit integer
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     """Per-step limits: the token budget shared by prefill chunks and decodes."""
@@ -116,10 +120,25 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's own context length
+    # "priority": requests run by (priority, arrival), lower first, and a waiting request
+    # displaces running ones of a worse priority (they are preempted: swap, engine/scheduler.py);
+    # with every priority equal this is first come, first served. "fcfs": arrival order only.
+    policy: str = "priority"
+    # A time-per-output-token target (ms): steps that hold decodes take only the prompt rows
+    # the step-time model says fit in it (never fewer than a minimum). None: the whole budget.
+    tpot_slo_ms: float | None = None
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise InvalidRequest("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.tpot_slo_ms is not None and not self.tpot_slo_ms > 0:
+            raise InvalidRequest("the TPOT target must be a positive number of milliseconds",
+                                 param="tpot_slo_ms")  # fmt: skip
+        if self.policy not in SCHEDULING_POLICIES:
+            raise InvalidRequest(
+                f"unknown scheduling policy {self.policy!r}; supported: priority, fcfs",
+                param="scheduling_policy",
+            )
 
 
 SPECULATIVE_METHODS = (None, "ngram", "suffix", "draft")
@@ -277,6 +296,8 @@ FLAT_FIELDS = {
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "max_model_len": ("scheduler", "max_model_len"),
+    "scheduling_policy": ("scheduler", "policy"),
+    "tpot_slo_ms": ("scheduler", "tpot_slo_ms"),
     "speculative": ("speculative", "method"),
     "num_speculative_tokens": ("speculative", "num_tokens"),
     "speculative_model": ("speculative", "model"),

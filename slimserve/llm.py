@@ -6,10 +6,10 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from slimserve.config import engine_config
-from slimserve.engine.engine import Engine
 from slimserve.errors import InvalidRequest
 from slimserve.outputs import RequestOutput
 from slimserve.sampling_params import SamplingParams
+from slimserve.spec_decode import build_engine
 
 Prompt = str | list[int]
 
@@ -27,7 +27,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, progress: bool = False, **engine_settings):
-        self.engine = Engine(engine_config(model, **engine_settings), progress=progress)
+        self.engine = build_engine(engine_config(model, **engine_settings), progress=progress)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # the plan's types; the engine imports the backends, not the reverse
-    from slimserve.engine.input_batch import StepPlan
-    from slimserve.forward_context import ForwardContext
+if TYPE_CHECKING:  # the step vocabulary (core/), below the backends: types only
+    from slimserve.core.forward_context import ForwardContext
+    from slimserve.core.plan import StepPlan
     from slimserve.kv_cache.spec import AttentionSpec, KVCacheSpec
 
 

@@ -28,9 +28,9 @@ from slimserve.backends.native_step import NativeDecodeStep
 from slimserve.backends.torch_sdpa import AttentionGroup, TorchSDPABackend, _blocks, _rows_of
 from slimserve.kv_cache.block_pool import NULL_BLOCK
 
-if TYPE_CHECKING:  # the plan's types; the engine imports the backends, not the reverse
-    from slimserve.engine.input_batch import Span, StepPlan
-    from slimserve.forward_context import ForwardContext
+if TYPE_CHECKING:  # the step vocabulary (core/), below the backends: types only
+    from slimserve.core.forward_context import ForwardContext
+    from slimserve.core.plan import Span, StepPlan
 
 
 class NativeCPUBackend(TorchSDPABackend):

@@ -23,8 +23,8 @@ from slimserve.backends import kv_format
 from slimserve.backends.base import AttentionBackend
 from slimserve.kv_cache.block_pool import NULL_BLOCK
 
-if TYPE_CHECKING:  # the plan's types; the engine imports the backends, not the reverse
-    from slimserve.engine.input_batch import Span, StepPlan
+if TYPE_CHECKING:  # the step vocabulary (core/), below the backends: types only
+    from slimserve.core.plan import Span, StepPlan
     from slimserve.kv_cache.spec import AttentionSpec
 
 # Cascade decode attention pays off once the shared prefix spans a few blocks.

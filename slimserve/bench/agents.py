@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import time
 
-CASES = ("none", "session-ttl", "disk")
+CASES = ("none", "session-ttl", "disk", "llama-server")
 
 
 def register(sub) -> None:
@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--memory-budget", default="1GiB")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES[:3]))
     p.add_argument("--output", default=None)
 
 
@@ -45,9 +45,10 @@ WORDS = (
 ).split()
 
 
-async def _chat(client, messages, session: str | None) -> tuple[float, str, dict]:
+async def _chat(client, messages, session: str | None, **extra) -> tuple[float, str, dict]:
+    """(TTFT seconds, greedy text, usage) of one streamed chat."""
     body = {"messages": messages, "max_tokens": 24, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+            "stream_options": {"include_usage": True}, **extra}  # fmt: skip
     if session:
         body["session_id"] = session
     t0, ttft, parts, usage = time.perf_counter(), None, [], {}
@@ -95,20 +96,31 @@ async def _rss_peak(pid: int, stop: asyncio.Event, peak: list) -> None:
         await asyncio.sleep(0.1)
 
 
-def one_case(case: str, args) -> dict:
-    import httpx
-
+def _server(case: str, args, folder: str | None):
+    """Our server for a case, or llama-server with a slot per client and its default
+    --cache-ram (prompts leaving a slot are kept in RAM)."""
+    from slimserve.bench.peers import LlamaServer
     from slimserve.bench.serving import OurServer
+    from slimserve.loader import default_model_path
 
-    folder = tempfile.mkdtemp(prefix="slimserve-kv-") if case == "disk" else None
+    if case == "llama-server":
+        slots = args.agents + args.background
+        return LlamaServer(args.model or default_model_path(), args.threads, slots, 2048)
     extra = ["--kv-cache-memory", args.kv_cache_memory, "--memory-budget", args.memory_budget]
     extra += {
         "session-ttl": ["--session-ttl", "60"],
         "disk": ["--kv-disk-cache", folder or ""],
     }.get(case, [])
+    return OurServer(args.model, args.threads, extra)
+
+
+def one_case(case: str, args) -> dict:
+    import httpx
+
+    folder = tempfile.mkdtemp(prefix="slimserve-kv-") if case == "disk" else None
     rows, peak = [], [0]
     try:
-        with OurServer(args.model, args.threads, extra) as srv:
+        with _server(case, args, folder) as srv:
 
             async def main():
                 stop = asyncio.Event()
@@ -141,21 +153,16 @@ def one_case(case: str, args) -> dict:
 
 
 def run_agents(args) -> dict:
-    rows = []
-    for r in range(args.rounds):
-        for case in args.cases if r % 2 == 0 else args.cases[::-1]:
-            row = one_case(case, args)
-            rows.append(row)
-            print(
-                f"round {r} {case:>11}: later turns TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms, "
-                f"p90 {row['ttft_p90_s'] * 1e3:.0f} ms, {row['cached_share']:.0%} of their prompt "
-                f"tokens cached; peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB (budget "
-                f"{row['budget_bytes'] / 2**20:.0f} MiB)"
-            )
-    from slimserve.bench.runinfo import run_info
+    from slimserve.bench.runinfo import alternate, run_info, write_result
 
-    result = {"run": run_info(), "rows": rows}
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-    return result
+    rows = alternate(args.cases, args.rounds, lambda case: one_case(case, args), _describe)
+    return write_result(args.output, {"run": run_info(), "rows": rows})
+
+
+def _describe(row: dict) -> str:
+    return (
+        f"later turns TTFT p50 {row['ttft_p50_s'] * 1e3:.0f} ms, p90 "
+        f"{row['ttft_p90_s'] * 1e3:.0f} ms, {row['cached_share']:.0%} of their prompt tokens "
+        f"cached; peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB (budget "
+        f"{row['budget_bytes'] / 2**20:.0f} MiB)"
+    )

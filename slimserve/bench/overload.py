@@ -11,7 +11,6 @@ every output equals the other case's token for token. The cases alternate round 
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import statistics
@@ -79,24 +78,19 @@ def one_case(case: str, args) -> dict:
 
 
 def run_overload(args) -> dict:
-    rows = []
-    for r in range(args.rounds):
-        for case in args.cases if r % 2 == 0 else args.cases[::-1]:
-            row = one_case(case, args)
-            rows.append(row)
-            print(
-                f"round {r} {case:>4}: {row['preemptions']} preemptions, "
-                f"{row['recomputed_tokens']} of {row['tokens_computed']} tokens computed again "
-                f"({row['recomputed_share']:.1%}), {row['output_tok_s']:.1f} output tok/s, TTFT "
-                f"p50 {row['ttft_p50_s']:.1f} s p99 {row['ttft_p99_s']:.1f} s"
-            )
+    from slimserve.bench.runinfo import alternate, run_info, write_result
+
+    rows = alternate(args.cases, args.rounds, lambda case: one_case(case, args), _describe)
     outs = {tuple(map(tuple, x.pop("outputs"))) for x in rows}
     same = len(outs) == 1
     print(f"every case's outputs equal: {same}")
-    from slimserve.bench.runinfo import run_info
+    return write_result(args.output, {"run": run_info(), "rows": rows, "same_outputs": same})
 
-    result = {"run": run_info(), "rows": rows, "same_outputs": same}
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-    return result
+
+def _describe(row: dict) -> str:
+    return (
+        f"{row['preemptions']} preemptions, {row['recomputed_tokens']} of "
+        f"{row['tokens_computed']} tokens computed again ({row['recomputed_share']:.1%}), "
+        f"{row['output_tok_s']:.1f} output tok/s, TTFT p50 {row['ttft_p50_s']:.1f} s p99 "
+        f"{row['ttft_p99_s']:.1f} s"
+    )

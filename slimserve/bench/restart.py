@@ -18,6 +18,7 @@ import tempfile
 import time
 
 CASES = ("disk", "no-disk")
+PEER = "llama-server"  # with --llama-server: its --cache-ram (default) across a restart
 
 
 def register(sub) -> None:
@@ -31,6 +32,7 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--llama-server", action="store_true", help="add llama-server as a case")
     p.add_argument("--output", default=None)
 
 
@@ -68,16 +70,24 @@ def _ask(url: str, messages: list[dict], max_tokens: int) -> tuple[float, str, d
     return ttft if ttft is not None else time.perf_counter() - t0, "".join(parts), usage
 
 
-def _round(case: str, args, messages: list[dict]) -> dict:
+def _server(case: str, args, folder: str):
+    from slimserve.bench.peers import LlamaServer
     from slimserve.bench.serving import OurServer
+    from slimserve.loader import default_model_path
 
-    folder = tempfile.mkdtemp(prefix="slimserve-kv-")
+    if case == PEER:
+        return LlamaServer(args.model or default_model_path(), args.threads, 1, 4096)
     extra = ["--kv-disk-cache", folder] if case == "disk" else []
+    return OurServer(args.model, args.threads, extra)
+
+
+def _round(case: str, args, messages: list[dict]) -> dict:
+    folder = tempfile.mkdtemp(prefix="slimserve-kv-")
     try:
-        with OurServer(args.model, args.threads, extra) as srv:
+        with _server(case, args, folder) as srv:
             cold, text, usage = _ask(srv.url, messages, args.max_tokens)
             ram, ram_text, _ = _ask(srv.url, messages, args.max_tokens)
-        with OurServer(args.model, args.threads, extra) as srv:
+        with _server(case, args, folder) as srv:
             again, again_text, again_usage = _ask(srv.url, messages, args.max_tokens)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -90,20 +100,13 @@ def _round(case: str, args, messages: list[dict]) -> dict:
 
 
 def run_restart(args) -> dict:
+    from slimserve.bench.runinfo import alternate, run_info, write_result
+
     messages = _messages(args.system_tokens)
-    rows = []
-    for r in range(args.rounds):
-        for case in CASES if r % 2 == 0 else CASES[::-1]:
-            row = _round(case, args, messages)
-            rows.append(row)
-            print(
-                f"round {r} {case:>7}: prompt {row['prompt_tokens']} tokens, TTFT cold "
-                f"{row['cold_ttft_s'] * 1e3:.0f} ms, RAM hit {row['ram_hit_ttft_s'] * 1e3:.0f} ms, "
-                f"after restart {row['restart_ttft_s'] * 1e3:.0f} ms "
-                f"({row['restart_cached_tokens']} cached), same text {row['same_text']}"
-            )
+    cases = CASES + ((PEER,) if args.llama_server else ())
+    rows = alternate(cases, args.rounds, lambda case: _round(case, args, messages), _describe)
     summary = {}
-    for case in CASES:
+    for case in cases:
         mine = [x for x in rows if x["case"] == case]
         med = {k: statistics.median(x[k] for x in mine)
                for k in ("cold_ttft_s", "ram_hit_ttft_s", "restart_ttft_s")}  # fmt: skip
@@ -112,15 +115,18 @@ def run_restart(args) -> dict:
         med["same_text"] = all(x["same_text"] for x in mine)
         summary[case] = med
         print(
-            f"{case:>7} medians: cold {med['cold_ttft_s'] * 1e3:.0f} ms, RAM hit "
+            f"{case:>12} medians: cold {med['cold_ttft_s'] * 1e3:.0f} ms, RAM hit "
             f"{med['ram_hit_ttft_s'] * 1e3:.0f} ms, restart {med['restart_ttft_s'] * 1e3:.0f} ms: "
             f"cold / restart {med['cold_over_restart']:.2f}x, restart / RAM hit "
             f"{med['restart_over_ram_hit']:.2f}x"
         )
-    from slimserve.bench.runinfo import run_info
+    return write_result(args.output, {"run": run_info(), "rows": rows, "summary": summary})
 
-    result = {"run": run_info(), "rows": rows, "summary": summary}
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-    return result
+
+def _describe(row: dict) -> str:
+    return (
+        f"prompt {row['prompt_tokens']} tokens, TTFT cold {row['cold_ttft_s'] * 1e3:.0f} ms, "
+        f"RAM hit {row['ram_hit_ttft_s'] * 1e3:.0f} ms, after restart "
+        f"{row['restart_ttft_s'] * 1e3:.0f} ms ({row['restart_cached_tokens']} cached), same "
+        f"text {row['same_text']}"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -86,3 +87,22 @@ def describe_memory(m: dict) -> str:
         f"{m['kv_cache_dtype']}: {m['kv_bytes_per_token'] / 1e3:.1f} KB per token, "
         f"{m['kv_capacity_tokens']} tokens"
     )
+
+
+def alternate(cases, rounds: int, run_one, describe) -> list[dict]:
+    """Each case once a round, in reverse order every other round (so drift over the run
+    does not favour one case); prints `describe(row)` for each."""
+    rows = []
+    for r in range(rounds):
+        for case in cases if r % 2 == 0 else list(cases)[::-1]:
+            row = run_one(case)
+            rows.append(row)
+            print(f"round {r} {case:>12}: {describe(row)}", flush=True)
+    return rows
+
+
+def write_result(path: str | None, result: dict) -> dict:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return result

@@ -104,15 +104,15 @@ class EngineReplica:
         t0 = time.perf_counter()
         from slimserve.config import engine_config
         from slimserve.engine.async_engine import AsyncEngine
-        from slimserve.engine.engine import Engine
         from slimserve.server.api import create_app
+        from slimserve.spec_decode import build_engine
 
         self.index, self.cores = index, _cores(index, count)
         os.sched_setaffinity(0, self.cores)
         settings = dict(settings)
         settings.setdefault("num_threads", len(self.cores))
         config = engine_config(model, **settings)
-        self.engine = AsyncEngine(lambda: Engine(config), max_queue=max_queue)
+        self.engine = AsyncEngine(lambda: build_engine(config), max_queue=max_queue)
         self.app = create_app(self.engine, name, api_key)
         logger.warning("replica %d ready in %.1f s on cores %s", index, time.perf_counter() - t0,
                        self.cores)  # fmt: skip

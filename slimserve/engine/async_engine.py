@@ -29,7 +29,12 @@ from slimserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("slimserve")
 
-IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps between checks for shutdown
+IDLE_WAIT_S = 0.5
+# Admission rejection reasons by error class (the rest: "invalid").
+_REASONS = {
+    "ContextLengthExceeded": "context_length",
+    "CapacityError": "kv_capacity",
+}  # how long an idle engine thread sleeps between checks for shutdown
 
 
 class AsyncEngine:
@@ -50,6 +55,7 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards _queues and _pending, never held across a step
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending = 0  # adds submitted and not yet drained (for max_queue)
+        self.rejections: dict[str, int] = {}  # requests refused at admission, by reason
         self.errored: BaseException | None = None
         self._stats = None
         self._built = threading.Event()
@@ -136,16 +142,52 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         queue: asyncio.Queue | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Queue a request now (bad input raises here, before any response starts) and return
         the stream of its outputs. Several requests may share one queue; outputs carry ids."""
+        self._admissible(params)
+        req = self.engine.make_request(prompt, params, request_id, priority)
+        return self._queue(req, queue)
+
+    async def submit_async(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        queue: asyncio.Queue | None = None,
+        priority: int = 0,
+    ) -> RequestStream:
+        """`submit`, with the request's CPU work (tokenizing a text prompt, compiling its
+        grammar) on a worker thread, so the event loop serves other streams meanwhile."""
+        self._admissible(params)
+        try:
+            req = await asyncio.to_thread(
+                self.engine.make_request, prompt, params, request_id, priority
+            )
+        except SlimserveError as e:
+            self._reject(_REASONS.get(type(e).__name__, "invalid"))
+            raise
+        return self._queue(req, queue)
+
+    def _reject(self, reason: str) -> None:
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+    def _admissible(self, params: SamplingParams) -> None:
         if self.errored is not None:
             raise EngineDead("the engine has stopped after an internal error")
         waiting = self._stats.waiting + self._pending if self._stats else self._pending
         if self.max_queue is not None and waiting >= self.max_queue:
+            self._reject("queue_full")
             raise CapacityError(f"the queue is full ({self.max_queue} waiting); retry later")
-        self.engine.check_session(params.session_id)  # a 400 before the response starts
-        req = self.engine.make_request(prompt, params, request_id)
+        try:
+            self.engine.check_session(params.session_id)  # a 400 before the response starts
+        except SlimserveError:
+            self._reject("sessions_full")
+            raise
+
+    def _queue(self, req, queue: asyncio.Queue | None) -> RequestStream:
+        request_id = req.request_id
         q = queue if queue is not None else asyncio.Queue()
         with self._lock:
             if self.errored is not None:

@@ -4,8 +4,12 @@ what plain decoding gives."""
 
 from __future__ import annotations
 
-from slimserve.engine.request import Request
-from slimserve.spec_decode import Speculator
+from typing import TYPE_CHECKING
+
+from slimserve.core.request import Request
+
+if TYPE_CHECKING:  # speculative decoding is a plug-in above the engine (spec_decode/)
+    from slimserve.spec_decode import Speculator
 
 
 def propose_drafts(

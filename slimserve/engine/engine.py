@@ -12,22 +12,23 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from slimserve import kernels
 from slimserve.config import EngineConfig, num_threads_from_env
+from slimserve.core.plan import StepPlan, build_plan
+from slimserve.core.request import Request
 from slimserve.engine import memory, rejection, scoring
 from slimserve.engine.drafting import propose_drafts
-from slimserve.engine.input_batch import StepPlan, build_plan
 from slimserve.engine.intake import Intake
 from slimserve.engine.loading import load_model
 from slimserve.engine.model_runner import ModelRunner
 from slimserve.engine.output_processor import append_tokens, to_output
-from slimserve.engine.request import Request
 from slimserve.engine.sampler import Sampler, SamplingRow
 from slimserve.engine.scheduler import Scheduler
+from slimserve.engine.step_cost import keys_read
 from slimserve.errors import CapacityError, EngineDead, InvalidRequest
 from slimserve.kv_cache.hashing import kv_salt
 from slimserve.kv_cache.manager import KVCacheManager
@@ -36,8 +37,9 @@ from slimserve.kv_cache.tiers import DiskTier
 from slimserve.loader import open_model
 from slimserve.outputs import RequestOutput
 from slimserve.sampling_params import SamplingParams
-from slimserve.spec_decode import Speculator, build_speculator
-from slimserve.spec_decode.index import Match
+
+if TYPE_CHECKING:  # speculative decoding is a plug-in above the engine (spec_decode/)
+    from slimserve.spec_decode import Speculator
 
 logger = logging.getLogger("slimserve")
 
@@ -75,21 +77,11 @@ class EngineStats:
     sessions_pressed: int = 0  # sessions released early because the pool was short
 
 
-class Proposer(Protocol):
-    """Speculative decoding's entry point: draft tokens to verify after a request's last one
-    (a list, taken as certain, or a spec_decode Match with a confidence per token)."""
-
-    def propose(self, req: Request, max_tokens: int) -> list[int] | Match: ...
-
-    def finished(self, req: Request) -> None: ...
-
-
 class Engine:
     def __init__(
         self,
         config: EngineConfig | None = None,
         progress: bool = False,
-        proposer: Proposer | None = None,
     ):
         config = config or EngineConfig()
         threads = config.num_threads or num_threads_from_env()
@@ -124,9 +116,9 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv, cache.session_ttl)
         self.sampler = Sampler(native_argmax=native and kernels.available("argmax"))
         budget = config.scheduler.max_num_batched_tokens
-        self.speculator = build_speculator(config.speculative, budget, self)
-        if proposer is not None:
-            self.proposer = proposer
+        # Speculative decoding plugs in after build (spec_decode.attach, or build_engine below):
+        # a draft model shares the finished engine's block tables.
+        self.speculator: Speculator | None = None
         self.max_model_len = min(
             config.scheduler.max_model_len or self.model_config.max_position,
             self.model_config.max_position,
@@ -165,17 +157,6 @@ class Engine:
     @property
     def capacity_tokens(self) -> int:
         return self.kv_spec.capacity_tokens
-
-    @property
-    def proposer(self) -> Proposer | None:
-        return self.speculator.proposer if self.speculator is not None else None
-
-    @proposer.setter
-    def proposer(self, proposer: Proposer | None) -> None:
-        """Drafts from `proposer`, every one verified (no cost model): for tests and tools."""
-        budget = self.config.scheduler.max_num_batched_tokens
-        cap = self.max_model_len
-        self.speculator = Speculator(proposer, cap, budget, adaptive=False) if proposer else None
 
     def use_kernels(self, native: bool) -> None:
         """Rebuild the step on the native kernels (those `kernels.set_enabled` leaves on) or on
@@ -342,6 +323,8 @@ class Engine:
                 logits, scores = plan.split_logits(logits)
             samples = self.sampler(logits, rows) if rows else None
             seconds = time.perf_counter() - t0
+            keys = sum(keys_read(sp.start, sp.num_rows) for sp in plan.spans)
+            self.scheduler.cost.observe(plan.num_rows, keys, seconds)
         except Exception as e:
             return self._contain([r for r, _ in out.scheduled], e)
         outputs = self._postprocess(plan, samples, scores)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import threading
 
+from slimserve.core.request import Request
 from slimserve.engine.detokenizer import Detokenizer
-from slimserve.engine.request import Request
 from slimserve.errors import CapacityError, ContextLengthExceeded, InvalidRequest
 from slimserve.kv_cache.spec import KVCacheSpec
 from slimserve.sampling_params import SamplingParams

@@ -2,7 +2,7 @@
 and runs a step plan: the only place that runs the model.
 
 The runner knows neither requests' bookkeeping nor kernels: the engine hands it a plan
-(engine/input_batch.py) and gets back the logits of the rows that need them; the backend chosen
+(core/plan.py) and gets back the logits of the rows that need them; the backend chosen
 at build (slimserve/backends) decides how attention computes.
 """
 
@@ -17,8 +17,8 @@ import torch
 from slimserve import kernels
 from slimserve.backends import make_backend
 from slimserve.config import ModelConfig
-from slimserve.engine.input_batch import StepPlan
-from slimserve.forward_context import ForwardContext, forward_context
+from slimserve.core.forward_context import ForwardContext, forward_context
+from slimserve.core.plan import StepPlan
 from slimserve.kv_cache.block_pool import NULL_BLOCK
 from slimserve.kv_cache.ops import KVOp
 from slimserve.kv_cache.spec import KVCacheSpec
@@ -61,11 +61,15 @@ class ModelRunner:
 
     def execute_kv_ops(self, ops: list[KVOp], on_saved) -> None:
         """Carry out the scheduler's page movements in order: a load writes its page into its
-        block; a save gathers its block's page and hands it to `on_saved(op, page)`."""
+        block, a copy its source block's page; a save gathers its block's page and hands it to
+        `on_saved(op, page)`."""
         bs = self.spec.block_size
         for op in ops:
             if op.is_load:
                 self.backend.write_page(self.kv_cache, op.block_id, bs, op.payload)
+            elif op.kind == "copy":
+                page = self.backend.read_page(self.kv_cache, op.src, bs)
+                self.backend.write_page(self.kv_cache, op.block_id, bs, page)
             else:
                 on_saved(op, self.backend.read_page(self.kv_cache, op.block_id, bs))
 

@@ -3,7 +3,7 @@ detokenizer) until one ends it, and the RequestOutput a caller sees."""
 
 from __future__ import annotations
 
-from slimserve.engine.request import Request
+from slimserve.core.request import Request
 from slimserve.errors import RequestFailed
 from slimserve.outputs import CompletionOutput, RequestOutput
 

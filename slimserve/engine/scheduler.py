@@ -10,6 +10,17 @@ loses is smallest): its blocks are freed, its full blocks stay published in the 
 (and in the disk tier when there is one), so it comes back as a prefix hit and only what was
 lost is recomputed (counted: `recomputed_tokens`). Its output does not change.
 
+Policies (`SchedulerConfig.policy`): under "priority" (the default) the waiting queue is ordered
+by (priority, arrival), and before the running requests take the step's budget, a waiting
+request of a better priority than some running one is admitted first, preempting the worst
+running ones when seats or KV blocks are short; with equal priorities nothing differs from
+first come, first served. Under "fcfs" priorities are ignored.
+
+With a time-per-output-token target (`tpot_slo_ms`), a step that holds decodes takes no more
+prompt rows than the step-time model (engine/step_cost.py, fitted on the engine's own steps)
+says fit in the target beside them, and never fewer than `MIN_CHUNK`: decodes keep their pace and
+long prompts still progress every step.
+
 The scheduler is the one owner of KV blocks: the draft model's look-ahead and prompt scoring
 reserve and release them through it (`reserve`, `release`), and the page movements the KV
 manager decided (loads from a tier, saves to it) leave with each `SchedulerOutput` (`kv_ops`)
@@ -20,30 +31,33 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass, field
 
 from slimserve.config import SchedulerConfig
-from slimserve.engine.request import Request, RequestStatus
+from slimserve.core.plan import SchedulerOutput
+from slimserve.core.request import Request, RequestStatus
+from slimserve.engine.step_cost import StepModel, keys_read
 from slimserve.kv_cache.manager import KVCacheManager
 from slimserve.kv_cache.ops import KVOp
 
+MIN_CHUNK = 16  # the fewest prompt rows a step gives a prompt being prefilled, whatever the target
 
-@dataclass(slots=True)
-class SchedulerOutput:
-    """What runs this step: each request with its number of new rows (drafts included), in the
-    order chosen; and who gave way."""
 
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new rows)
-    preempted: list[Request] = field(default_factory=list)
-    kv_ops: list[KVOp] = field(default_factory=list)  # page movements before the forward
+class _Pacer:
+    """Under a TPOT target, how many prompt rows this step may still add beside its decodes."""
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+    def __init__(self, cost: StepModel, target_s: float, decoding: list[Request]):
+        self.cost, self.target_s = cost, target_s
+        rows = [1 + len(r.spec_token_ids) for r in decoding]
+        self.rows = sum(rows)
+        self.keys = sum(keys_read(r.num_computed_tokens, n) for r, n in zip(decoding, rows))
 
-    @property
-    def num_scheduled_tokens(self) -> dict[str, int]:
-        return {r.request_id: n for r, n in self.scheduled}
+    def cap(self, start: int, n: int) -> int:
+        """A prompt chunk of at most `n` rows from position `start`, paced."""
+        allowed = self.cost.chunk(self.target_s, self.rows, self.keys, start, n)
+        n = max(min(n, MIN_CHUNK), allowed)
+        self.rows += n
+        self.keys += keys_read(start, n)
+        return n
 
 
 def _order(req: Request):
@@ -56,19 +70,31 @@ def _victim_order(req: Request):
     return (req.priority, -req.num_computed_tokens, req.arrival_time)
 
 
+def _arrival(req: Request):
+    return req.arrival_time
+
+
+def _least_computed(req: Request):
+    return (-req.num_computed_tokens, req.arrival_time)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, session_ttl: float = 0.0):
         self.config = config
         self.kv = kv
         self.session_ttl = session_ttl  # how long a finished session request's blocks are kept
-        self.waiting: list[Request] = []  # sorted by _order
+        by_priority = config.policy == "priority"
+        self._order = _order if by_priority else _arrival
+        self._victim = _victim_order if by_priority else _least_computed
+        self.waiting: list[Request] = []  # sorted by self._order
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
         self.num_swapped = 0  # of those, with a tier holding its published blocks
         self.recomputed_tokens = 0  # tokens run again whose KV a request had computed before
+        self.cost = StepModel()  # step time, fitted on the engine's steps (Engine.step)
 
     def add(self, req: Request) -> None:
-        bisect.insort(self.waiting, req, key=_order)
+        bisect.insort(self.waiting, req, key=self._order)
         self.kv.prefetch(req.all_token_ids)  # a tier reads its prefix ahead while it waits
 
     def take_kv_ops(self) -> list[KVOp]:
@@ -102,14 +128,23 @@ class Scheduler:
                 return self._seal(out)
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        pacer = self._pacer()
+        ahead = self._displace(out, budget, pacer) if self._order is _order else None
+        if ahead is not None:
+            budget -= out.scheduled[0][1]
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req is ahead:  # admitted ahead of the running ones this step (_displace)
+                i += 1
+                continue
             n = self._rows(req, budget)
+            if pacer is not None and n > 1 and not req.spec_token_ids:  # a prompt chunk
+                n = pacer.cap(req.num_computed_tokens, n)
             while not self.kv.allocate_slots(
                 req.request_id, req.num_computed_tokens + n, num_computed=req.num_computed_tokens
             ):
-                victim = max(self.running[i:], key=_victim_order)
+                victim = max((r for r in self.running[i:] if r is not ahead), key=self._victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -125,7 +160,7 @@ class Scheduler:
             and not out.preempted
             and len(self.running) < self.config.max_num_seqs
         ):
-            n = self._admit(self.waiting[0], budget)
+            n = self._admit(self.waiting[0], budget, pacer)
             if not n:
                 break
             out.scheduled.append((self.running[-1], n))
@@ -141,12 +176,46 @@ class Scheduler:
             )
         return out
 
+    def _pacer(self) -> _Pacer | None:
+        """The step's pacing under a TPOT target, when some running request decodes."""
+        slo = self.config.tpot_slo_ms
+        if slo is None:
+            return None
+        decoding = [r for r in self.running if r.num_computed_tokens >= r.num_tokens - 1]
+        return _Pacer(self.cost, slo / 1000, decoding) if decoding else None
+
+    def _displace(self, out: SchedulerOutput, budget: int, pacer=None) -> Request | None:
+        """Admit the best waiting request ahead of the running ones when its priority beats
+        the worst of theirs, preempting those worse than it while seats or KV blocks are short
+        for its first chunk; returns it when admitted."""
+        if not self.waiting or not self.running:
+            return None
+        req = self.waiting[0]
+        worse = [r for r in self.running if r.priority > req.priority]
+        if not worse:
+            return None
+        need = self.kv.blocks_needed(min(req.num_tokens, budget)) * len(self.kv.groups)
+        while worse and (
+            len(self.running) >= self.config.max_num_seqs or self.kv.num_free_blocks < need
+        ):
+            victim = max(worse, key=_victim_order)
+            worse.remove(victim)
+            self._preempt(victim)
+            out.preempted.append(victim)
+        if len(self.running) >= self.config.max_num_seqs:
+            return None
+        n = self._admit(req, budget, pacer)
+        if not n:
+            return None
+        out.scheduled.append((req, n))
+        return req
+
     @staticmethod
     def _rows(req: Request, budget: int) -> int:
         """A running request's new rows this step: what it has not computed, drafts included."""
         return min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
 
-    def _admit(self, req: Request, budget: int) -> int:
+    def _admit(self, req: Request, budget: int, pacer: _Pacer | None = None) -> int:
         """Move waiting `req` to running with its prefix-cache hit and KV for up to `budget` new
         rows; returns the rows, or 0 (left waiting) when the KV does not fit."""
         # Only blocks whose positions already have their logprobs (after a preemption) for a
@@ -156,6 +225,8 @@ class Scheduler:
             keep = max(0, len(req.prompt_logprobs) - 1) // self.kv.block_size
         hit = self.kv.find_prefix(req.all_token_ids, keep)  # num_computed_tokens is 0 here
         n = min(req.num_tokens - hit.num_tokens, budget)
+        if pacer is not None and n > 1:
+            n = pacer.cap(hit.num_tokens, n)
         if not self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
             return 0
         self.kv.record_lookup(req.num_tokens, hit)
@@ -190,7 +261,7 @@ class Scheduler:
     def requeue(self, req: Request) -> None:
         """A running request back to waiting with its KV dropped (recomputed when it runs
         again): a step that raised left its KV unknown."""
-        self._preempt(req)
+        self._preempt(req, keep_partial=False)  # what the failed step wrote is unknown
         self.num_preemptions -= 1  # not for want of memory
         self.num_swapped -= self.kv.tier is not None
 
@@ -201,8 +272,10 @@ class Scheduler:
         req.computed_high = max(req.computed_high, num_computed)
         self.kv.cache_full_blocks(req.request_id, req.all_token_ids, num_computed)
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, keep_partial: bool = True) -> None:
         self.running.remove(req)
+        if keep_partial:  # its partial last block comes back with it, like its full ones
+            self.kv.keep_partial(req.request_id, req.all_token_ids, req.num_computed_tokens)
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.spec_token_ids = []

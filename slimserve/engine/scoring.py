@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from slimserve.engine.input_batch import build_plan
-from slimserve.engine.request import Request
+from slimserve.core.plan import build_plan
+from slimserve.core.request import Request
 from slimserve.errors import CapacityError
 from slimserve.sampling_params import SamplingParams
 

@@ -37,6 +37,15 @@ def hash_block(parent: bytes, tokens: Sequence[int]) -> bytes:
     return hashlib.blake2b(parent + _int32_le(tokens), digest_size=DIGEST).digest()
 
 
+def partial_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The hash of a block's first `tokens` (fewer than a block: a preempted request's last,
+    partial block), after the block whose hash is `parent`. Never equal to a full block's: the
+    digest is personalised apart."""
+    return hashlib.blake2b(
+        parent + _int32_le(tokens), digest_size=DIGEST, person=b"slimserve-part"
+    ).digest()
+
+
 def block_hashes(token_ids: Sequence[int], block_size: int, salt: bytes) -> list[bytes]:
     """The chained hashes of every full block of `token_ids`."""
     out, parent = [], salt

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from slimserve.kv_cache.block_pool import NULL_BLOCK, Block, BlockPool
-from slimserve.kv_cache.hashing import block_hashes, hash_block, kv_salt
+from slimserve.kv_cache.hashing import block_hashes, hash_block, kv_salt, partial_hash
 from slimserve.kv_cache.ops import KVOp
 from slimserve.kv_cache.spec import FULL, AttentionSpec
 
@@ -41,19 +41,16 @@ class PrefixHit:
     no later token sees, which need not be cached)."""
 
     blocks: list[Block | Stored]
-    num_tokens: int
+    num_tokens: int  # the full blocks' tokens, and the partial block's
     others: tuple[list[Block | Stored | None], ...] = ()
     hashes: list[bytes] = field(default_factory=list)  # the chained hash of each hit block
+    stored_tokens: int = 0  # of num_tokens, those whose KV comes from a tier
+    # After the full blocks: the first tokens of the next block, as a preempted request left
+    # them (keep_partial); its page is copied (or loaded) into a fresh block of the request's.
+    partial: Block | Stored | None = None
 
     def per_group(self) -> tuple[list[Block | Stored | None], ...]:
         return (self.blocks, *self.others)
-
-    @property
-    def stored_tokens(self) -> int:
-        """Of `num_tokens`, those whose first group's blocks come from a tier."""
-        return sum(isinstance(b, Stored) for b in self.blocks) * (
-            self.num_tokens // max(len(self.blocks), 1)
-        )
 
 
 @dataclass(slots=True)
@@ -167,9 +164,30 @@ class KVCacheManager:
             ]
             bad = self._read_stored(per_group, h)
             if bad is None:
-                return PrefixHit(per_group[0], h * bs, tuple(per_group[1:]), hashes[:h])
+                stored = sum(isinstance(b, Stored) for b in per_group[0]) * bs
+                hit = PrefixHit(per_group[0], h * bs, tuple(per_group[1:]), hashes[:h], stored)
+                if max_blocks is None and len(self.groups) == 1:
+                    self._find_partial(hit, token_ids)
+                return hit
             for f in found:  # a page the tier could not give: the run ends before it
                 del f[bad:]
+
+    def _find_partial(self, hit: PrefixHit, token_ids: list[int]) -> None:
+        """Extend `hit` with the longest partial block a preempted request left after it (at
+        most a block less one token, and never the last token)."""
+        bs, h = self.block_size, len(hit.blocks)
+        parent = hit.hashes[-1] if hit.hashes else self.root
+        for c in range(min(bs - 1, len(token_ids) - 1 - h * bs), 0, -1):
+            tokens = token_ids[h * bs : h * bs + c]
+            b = self._lookup(partial_hash(parent, tokens), self._key(parent, tokens))
+            if isinstance(b, Stored):
+                b.payload = self.tier.get(b.block_hash, b.key)
+                if b.payload is None:
+                    continue
+                hit.stored_tokens += c
+            if b is not None:
+                hit.partial, hit.num_tokens = b, hit.num_tokens + c
+                return
 
     def _lookup(self, block_hash: bytes, key: tuple) -> Block | Stored | None:
         b = self.pool.lookup(block_hash)
@@ -256,10 +274,10 @@ class KVCacheManager:
         if sum(need) + stored > self.pool.num_free - reviving:
             if not any(tables):
                 del self.req_blocks[request_id]
-            for s in shared:  # pages read for nothing: back to the tier's read-ahead
-                for b in s:
-                    if isinstance(b, Stored) and b.payload is not None:
-                        self.tier.restage(b.block_hash, b.key, b.payload)
+            extra = [hit.partial] if hit and hit.partial is not None else []
+            for b in [b for s in shared for b in s] + extra:  # read for nothing: keep them
+                if isinstance(b, Stored) and b.payload is not None:
+                    self.tier.restage(b.block_hash, b.key, b.payload)
             return False
         for s in shared:  # every RAM hit first: a fresh block must not evict one of them
             for b in s:
@@ -274,7 +292,37 @@ class KVCacheManager:
                 table.extend(self.pool.allocate(need[g]))
         if hit and hit.hashes and request_id not in self.req_hashes:
             self.req_hashes[request_id] = list(hit.hashes)
+        if hit and hit.partial is not None:
+            self._take_partial(hit.partial, tables[0][len(hit.blocks)])
         return True
+
+    def _take_partial(self, src: Block | Stored, dst: Block) -> None:
+        """The partial block's page into `dst`, a fresh block of the request's own (the request
+        writes its next tokens there, so the published one is never shared)."""
+        if isinstance(src, Stored):
+            self.ops.append(KVOp("load", dst.block_id, src.block_hash, src.key, src.payload))
+            self.stats.loads += 1
+        else:  # before the forward, so `src` is intact even if this step reallocated it
+            self.ops.append(KVOp("copy", dst.block_id, b"", (), src=src.block_id))
+
+    def keep_partial(self, request_id, token_ids: list[int], num_computed: int) -> None:
+        """Publish the request's partial last block (its first `num_computed % block_size`
+        tokens computed) under a partial hash before it is freed (a preemption), so that its
+        readmission takes the page back instead of computing those tokens again; saved to the
+        tier too. Only for a single KV group, with every full block before it published."""
+        bs, c = self.block_size, num_computed % self.block_size
+        i = num_computed // bs
+        tables, hashes = self.req_blocks.get(request_id), self.req_hashes.get(request_id, [])
+        if not c or not tables or len(self.groups) != 1 or len(hashes) != i:
+            return
+        if not self.enable_prefix_caching or len(tables[0]) <= i or tables[0][i] is None:
+            return
+        parent = hashes[-1] if hashes else self.root
+        tokens = token_ids[i * bs : i * bs + c]
+        block, ph = tables[0][i], partial_hash(parent, tokens)
+        if self.pool.lookup(ph) is None and self.pool.cache(block, ph, self._key(parent, tokens)):
+            if self.tier is not None:
+                self.ops.append(KVOp("save", block.block_id, ph, self._key(parent, tokens)))
 
     def _load(self, stored: Stored) -> Block:
         """A fresh block published under a tier page's hash, with its load queued."""

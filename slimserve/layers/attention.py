@@ -6,7 +6,7 @@ on the flat (T, hidden) batch."""
 import torch
 from torch import nn
 
-from slimserve.forward_context import get_forward_context
+from slimserve.core.forward_context import get_forward_context
 from slimserve.kv_cache.spec import FULL, AttentionSpec
 
 

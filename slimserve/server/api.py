@@ -6,6 +6,7 @@ Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, mapp
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -160,6 +161,11 @@ def build_app(
     return _app(lifespan)
 
 
+def _chat_ids(tokenizer, plan: ToolPlan | None, messages: list[dict]) -> list[int]:
+    prompt = plan.render(tokenizer, messages) if plan else tokenizer.apply_chat_template(messages)
+    return tokenizer.encode(prompt)
+
+
 def tool_plan(body) -> ToolPlan | None:
     """The request's tools resolved (None when it has none and asks for none)."""
     choice = body.tool_choice
@@ -274,11 +280,8 @@ def _app(lifespan) -> FastAPI:
         srv.check_model(body.model)
         messages = [m.as_dict() for m in body.messages]
         plan = tool_plan(body)
-        if plan is not None:
-            prompt = plan.render(srv.tokenizer, messages)
-        else:
-            prompt = srv.tokenizer.apply_chat_template(messages)
-        ids = srv.tokenizer.encode(prompt)
+        # The template and the tokenizer on a worker thread: the loop serves other streams.
+        ids = await asyncio.to_thread(_chat_ids, srv.tokenizer, plan, messages)
         max_tokens = srv.max_tokens(body.requested_max_tokens(), len(ids))
         params = [body.sampling_params(max_tokens, i, body.num_logprobs()) for i in range(body.n)]
         if plan is not None and (calls := plan.constraint()) is not None:
@@ -297,7 +300,9 @@ def _app(lifespan) -> FastAPI:
         if len(body.prompts()) * body.n > MAX_CHOICES:
             raise InvalidRequest(f"at most {MAX_CHOICES} prompts times n per request", "n")
         given = body.prompts()
-        prompts = [srv.tokenizer.encode(p) if isinstance(p, str) else p for p in given]
+        prompts = await asyncio.to_thread(
+            lambda: [srv.tokenizer.encode(p) if isinstance(p, str) else p for p in given]
+        )
         # With echo and logprobs, every prompt token is scored as well.
         scored = body.logprobs if body.echo else None
         ids, params, echoed = [], [], []

@@ -47,20 +47,23 @@ class EngineCollector:
             "Tokens run again whose KV the request had computed before (after a preemption)",
             value=s.recomputed_tokens,
         )
-        modes = CounterMetricFamily(
-            "slimserve_preemptions",
-            "Requests preempted: swap (a tier kept their published blocks) or recompute",
-            labels=["mode"],
-        )
-        modes.add_metric(["swap"], s.preemptions_swap)
-        modes.add_metric(["recompute"], s.preemptions - s.preemptions_swap)
-        yield modes
+        yield _labelled(
+            CounterMetricFamily, "slimserve_preemptions",
+            "Requests preempted: swap (a tier kept their published blocks) or recompute", "mode",
+            {"swap": s.preemptions_swap, "recompute": s.preemptions - s.preemptions_swap},
+        )  # fmt: skip
         yield from _tier_metrics(s)
         yield GaugeMetricFamily(
             "slimserve_spec_decode_mean_accepted_length",
             "Tokens a verify yields on average (accepted drafts + 1)",
             value=1 + s.spec_accepted_tokens / max(s.spec_verifies, 1),
         )
+        yield _labelled(
+            CounterMetricFamily, "slimserve_admission_rejections",
+            "Requests refused before they queued, by reason", "reason",
+            {reason: getattr(self.async_engine, "rejections", {}).get(reason, 0)
+             for reason in ADMISSION_REASONS},
+        )  # fmt: skip
         engine = getattr(self.async_engine, "engine", None)
         if engine is not None:
             parts = GaugeMetricFamily(
@@ -91,32 +94,35 @@ class EngineCollector:
             )
 
 
+def _labelled(family, name: str, doc: str, label: str, values: dict):
+    """One metric family with a series per value of `label`."""
+    metric = family(name, doc, labels=[label])
+    for key, value in values.items():
+        metric.add_metric([key], value)
+    return metric
+
+
 def _tier_metrics(s):
     """The KV tiers: RAM (the block pool) and, when configured, disk (kv_cache/tiers.py)."""
-    hits = CounterMetricFamily(
-        "slimserve_kv_tier_hits", "Prompt tokens served from each KV tier", labels=["tier"]
-    )
-    hits.add_metric(["ram"], s.prefix_cache_hits - s.tier_hits)
-    hits.add_metric(["disk"], s.tier_hits)
-    yield hits
-    held = GaugeMetricFamily("slimserve_kv_tier_bytes", "Bytes each KV tier holds", labels=["tier"])
-    held.add_metric(["ram"], s.kv_ram_bytes)
-    held.add_metric(["disk"], s.tier_bytes)
-    yield held
+    yield _labelled(
+        CounterMetricFamily, "slimserve_kv_tier_hits", "Prompt tokens served from each KV tier",
+        "tier", {"ram": s.prefix_cache_hits - s.tier_hits, "disk": s.tier_hits},
+    )  # fmt: skip
+    yield _labelled(
+        GaugeMetricFamily, "slimserve_kv_tier_bytes", "Bytes each KV tier holds", "tier",
+        {"ram": s.kv_ram_bytes, "disk": s.tier_bytes},
+    )  # fmt: skip
     yield GaugeMetricFamily("slimserve_kv_sessions", "Agent sessions kept", value=s.sessions)
     yield GaugeMetricFamily(
         "slimserve_kv_session_pinned_blocks",
         "KV block references kept sessions hold",
         value=s.session_pinned_blocks,
     )
-    released = CounterMetricFamily(
-        "slimserve_kv_session_releases",
-        "Sessions let go: their time to live ran out, or the pool was short",
-        labels=["reason"],
-    )
-    released.add_metric(["expired"], s.sessions_expired)
-    released.add_metric(["pressure"], s.sessions_pressed)
-    yield released
+    yield _labelled(
+        CounterMetricFamily, "slimserve_kv_session_releases",
+        "Sessions let go: their time to live ran out, or the pool was short", "reason",
+        {"expired": s.sessions_expired, "pressure": s.sessions_pressed},
+    )  # fmt: skip
     for name, doc, value in (
         ("slimserve_kv_tier_loads", "KV pages loaded from the disk tier", s.tier_loads),
         ("slimserve_kv_tier_saves", "KV pages written to the disk tier", s.tier_saves),
@@ -127,6 +133,14 @@ def _tier_metrics(s):
         ),
     ):
         yield CounterMetricFamily(name, doc, value=value)
+
+
+# Why a request was refused before it queued (engine/async_engine.py counts them).
+ADMISSION_REASONS = ("queue_full", "invalid", "context_length", "kv_capacity", "sessions_full")
+
+
+def priority_class(priority: int) -> str:
+    return "high" if priority < 0 else "low" if priority > 0 else "normal"
 
 
 class Metrics:
@@ -160,6 +174,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.ttft_by_priority = Histogram(
+            "slimserve_time_to_first_token_by_priority_seconds",
+            "Time to first token by the request's priority: high (< 0), normal (0), low (> 0)",
+            ["priority"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(EngineCollector(async_engine))
 
     def observe(
@@ -170,6 +191,7 @@ class Metrics:
         start: float,
         first: float | None,
         end: float,
+        priority: int = 0,
     ) -> None:
         self.requests.labels(status).inc()
         self.prompt_tokens.inc(prompt_tokens)
@@ -177,5 +199,6 @@ class Metrics:
         self.e2e.observe(end - start)
         if first is not None:
             self.ttft.observe(first - start)
+            self.ttft_by_priority.labels(priority_class(priority)).observe(first - start)
             if output_tokens > 1:
                 self.tpot.observe((end - first) / (output_tokens - 1))

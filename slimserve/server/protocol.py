@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from slimserve.config import PRIORITY_RANGE
 from slimserve.errors import InvalidRequest
 from slimserve.sampling_params import SamplingParams
 from slimserve.structured import StructuredOutputs
@@ -156,6 +157,8 @@ class _Common(BaseModel):
     speculative: bool = True
     # slimserve's: an agent's conversation id; with --session-ttl its KV outlives the request
     session_id: Text | None = None
+    # vLLM's: lower runs first (--scheduling-policy priority); a 32-bit integer
+    priority: int = Field(default=0, ge=PRIORITY_RANGE[0], le=PRIORITY_RANGE[1])
     # Constraints: OpenAI's, vLLM's current field, and vLLM's earlier (removed in its v0.12) ones.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None

@@ -30,7 +30,9 @@ async def respond(
     streams = []
     try:
         for i, (p, sp) in enumerate(zip(prompts, params)):
-            streams.append(srv.engine.submit(p, sp, f"{base}-{i}", queue))
+            streams.append(
+                await srv.engine.submit_async(p, sp, f"{base}-{i}", queue, body.priority)
+            )
     except BaseException:
         for s in streams:
             s.close()
@@ -104,6 +106,7 @@ class _Job:
             self.start,
             self.first.get(i),
             time.monotonic(),
+            self.body.priority,
         )
 
     def usage(self) -> dict:

@@ -4,11 +4,43 @@ verifying. See docs/architecture.md, "Speculative decoding"."""
 
 from __future__ import annotations
 
-from slimserve.config import SpeculativeConfig
+from typing import Protocol
+
+from slimserve.config import EngineConfig, SpeculativeConfig
+from slimserve.core.request import Request
+from slimserve.engine.engine import Engine
+from slimserve.spec_decode.index import Match
 from slimserve.spec_decode.proposers import NgramProposer, SuffixProposer
 from slimserve.spec_decode.speculator import Speculator
 
-__all__ = ["NgramProposer", "SuffixProposer", "Speculator", "build_speculator"]
+__all__ = ["NgramProposer", "SuffixProposer", "Speculator", "attach", "build_engine",
+           "build_speculator"]  # fmt: skip
+
+
+class Proposer(Protocol):
+    """Speculative decoding's entry point: draft tokens to verify after a request's last one
+    (a list, taken as certain, or a Match with a confidence per token)."""
+
+    def propose(self, req: Request, max_tokens: int) -> list[int] | Match: ...
+
+    def finished(self, req: Request) -> None: ...
+
+
+def build_engine(config: EngineConfig, progress: bool = False) -> Engine:
+    """An engine with the speculative decoding its config asks for, attached once it is built
+    (a draft model shares the finished engine's block tables): the front doors' constructor."""
+    engine = Engine(config, progress=progress)
+    budget = config.scheduler.max_num_batched_tokens
+    engine.speculator = build_speculator(config.speculative, budget, engine)
+    return engine
+
+
+def attach(engine: Engine, proposer: Proposer | None) -> None:
+    """Drafts from `proposer`, every one verified (no cost model), or none: for tests and tools."""
+    budget = engine.config.scheduler.max_num_batched_tokens
+    engine.speculator = (
+        Speculator(proposer, engine.max_model_len, budget, adaptive=False) if proposer else None
+    )
 
 
 def build_speculator(config: SpeculativeConfig, budget: int, engine=None) -> Speculator | None:

@@ -23,10 +23,10 @@ import time
 import torch
 
 from slimserve import kernels
-from slimserve.engine.input_batch import build_plan
+from slimserve.core.plan import build_plan
+from slimserve.core.request import Request
 from slimserve.engine.loading import load_model
 from slimserve.engine.model_runner import ModelRunner
-from slimserve.engine.request import Request
 from slimserve.errors import ModelLoadError, UnsupportedModel
 from slimserve.kv_cache.spec import kv_cache_spec
 from slimserve.loader import open_model

@@ -10,7 +10,7 @@ index on the request, so it goes when the request goes.
 
 from __future__ import annotations
 
-from slimserve.engine.request import Request
+from slimserve.core.request import Request
 from slimserve.spec_decode.index import SEPARATOR, Match, TokenIndex
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimserve.engine.request import Request
+from slimserve.core.request import Request
 from slimserve.spec_decode.index import Match
 
 _PRIOR_WEIGHT = 4.0  # how many of a request's own verified drafts the shared prior counts for

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from slimserve import LLM, SamplingParams, kernels
+from slimserve.spec_decode import attach
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -39,12 +40,13 @@ def _run(llm, params, proposer=None):
         logits.append(compute(hidden))
         return logits[-1]
 
-    engine.model.compute_logits, engine.proposer = record, proposer
+    engine.model.compute_logits = record
+    attach(engine, proposer)
     try:
         out = llm.generate([llm.tokenizer.encode(PROMPT)], params)[0].outputs[0]
     finally:
         del engine.model.compute_logits
-        engine.proposer = None
+        attach(engine, None)
     return out.token_ids, torch.cat(logits)
 
 

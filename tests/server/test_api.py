@@ -239,3 +239,21 @@ async def _unreachable(run_load):
     except RuntimeError as e:
         return str(e)
     return ""
+
+
+def test_priority_reaches_the_engine_and_its_histogram(http, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def high_count():
+        for family in text_string_to_metric_families(http.get("/metrics").text):
+            for s in family.samples:
+                if s.name.endswith("priority_seconds_count") and s.labels["priority"] == "high":
+                    return s.value
+        return 0.0
+
+    before = high_count()
+    r = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=3, temperature=0, extra_body={"priority": -1}
+    )
+    assert r.choices[0].message.content is not None
+    assert high_count() == before + 1

@@ -41,6 +41,10 @@ BAD = [
     ({"model": MODEL, "messages": QUESTION, "stop": ["x"] * 100}, 400, "stop"),
     ({"model": MODEL, "messages": QUESTION, "stop_token_ids": [-1]}, 400, "stop_token_ids.0"),
     ({"model": MODEL, "messages": QUESTION, "max_tokens": 2**70}, 400, "max_tokens"),
+    ({"model": MODEL, "messages": QUESTION, "priority": "urgent"}, 400, "priority"),
+    ({"model": MODEL, "messages": QUESTION, "priority": 2**31}, 400, "priority"),
+    ({"model": MODEL, "messages": QUESTION, "session_id": "no spaces please"}, 400, "session_id"),
+    ({"model": MODEL, "messages": QUESTION, "session_id": 7}, 400, "session_id"),
     # Fields that would change the answer's meaning are refused, not ignored.
     ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "xml"}}, 400,
      "response_format.type"),

@@ -84,3 +84,45 @@ def test_the_app_factory_builds_the_engine_in_its_lifespan(gguf_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         engine = app.state.server.engine
     assert not engine._thread.is_alive()  # shut down with the app
+
+
+def test_templates_tokenizing_and_grammars_run_off_the_event_loop(slow_engine):
+    """A long prompt's template and tokens, and a schema's grammar, are built on worker
+    threads: the loop that serves every other stream never runs them."""
+    engine = slow_engine.engine
+    seen = []
+    calls = {"make_request": engine.make_request, "apply_chat_template": None, "encode": None}
+    tok = engine.tokenizer
+    calls["apply_chat_template"], calls["encode"] = tok.apply_chat_template, tok.encode
+
+    def spy(name):
+        def call(*a, **k):
+            seen.append((name, threading.current_thread()))
+            return calls[name](*a, **k)
+
+        return call
+
+    app = create_app(slow_engine, "m")
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    chat = {"messages": [{"role": "user", "content": "hi " * 500}], "max_tokens": 2,
+            "response_format": fmt}  # fmt: skip
+
+    async def main():
+        loop_thread = threading.current_thread()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            r1 = await c.post("/v1/chat/completions", json=chat)
+            r2 = await c.post("/v1/completions", json={"prompt": "hi " * 500, "max_tokens": 2})
+        return loop_thread, r1, r2
+
+    engine.make_request = spy("make_request")
+    tok.apply_chat_template, tok.encode = spy("apply_chat_template"), spy("encode")
+    try:
+        loop_thread, r1, r2 = asyncio.run(main())
+    finally:
+        del engine.make_request, tok.apply_chat_template, tok.encode
+    assert r1.status_code == 200 and r2.status_code == 200
+    names = {name for name, _ in seen}
+    assert names == {"make_request", "apply_chat_template", "encode"}
+    assert all(thread is not loop_thread for _, thread in seen)

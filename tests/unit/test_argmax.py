@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slimserve import kernels
-from slimserve.engine.request import Request
+from slimserve.core.request import Request
 from slimserve.engine.sampler import Sampler
 from slimserve.kernels.argmax import argmax
 from slimserve.sampling_params import SamplingParams

@@ -1,11 +1,11 @@
 """Block accounting under random add/step/abort sequences (scheduler + KV manager, no model)."""
 
 import hypothesis.strategies as st
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from slimserve.config import SchedulerConfig
-from slimserve.engine.request import Request
+from slimserve.core.request import Request
 from slimserve.engine.scheduler import Scheduler
 from slimserve.kv_cache.block_pool import BlockPool, FreeBlockQueue
 from slimserve.kv_cache.manager import KVCacheManager
@@ -34,12 +34,14 @@ class EngineBookkeeping(RuleBasedStateMachine):
         max_tokens=st.integers(1, 12),
     )
     def add(self, prefix, extra, max_tokens):
-        ids = prefix + extra
-        total = self.kv.blocks_needed(len(ids) + max_tokens)
+        self._add(prefix + extra, SamplingParams(max_tokens=max_tokens))
+
+    def _add(self, ids, params):
+        total = self.kv.blocks_needed(len(ids) + params.max_tokens)
         if total * len(self.GROUPS) > NUM_BLOCKS:
             return  # the engine refuses these up front
         self.n += 1
-        req = Request(f"r{self.n}", None, ids, SamplingParams(max_tokens=max_tokens), frozenset())
+        req = Request(f"r{self.n}", None, ids, params, frozenset())
         self.live[req.request_id] = req
         self.sched.add(req)
 
@@ -57,8 +59,14 @@ class EngineBookkeeping(RuleBasedStateMachine):
                 w = self.GROUPS[g].window
                 if w:  # a window group holds only what its window and the step's rows see
                     assert sum(b is not None for b in table) <= (w + n - 2) // BS + 2
-        for req, n in out.scheduled:  # no drafts: every scheduled token is accepted
+        self._commit_and_emit(out)
+
+    def _commit_and_emit(self, out, between=lambda: None):
+        """Credit every scheduled row (no drafts: all accepted), run `between` (what a runner
+        does after the forward), then draw token 7 for each request its step completed."""
+        for req, n in out.scheduled:
             self.sched.commit(req, req.num_computed_tokens + n)
+        between()
         for req, _ in out.scheduled:
             if req.num_computed_tokens == req.num_tokens:
                 req.append_token(7)
@@ -133,7 +141,7 @@ class TierBookkeeping(EngineBookkeeping):
         self.cleanup = lambda: shutil.rmtree(self.dir, ignore_errors=True)
         self.tier = DiskTier(self.dir, 1 << 20, PAGE)
         self.kv = KVCacheManager(NUM_BLOCKS, BS, salt=b"t" * 16, tier=self.tier)
-        self.sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=10), self.kv)
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=10), self.kv)
         self.runner = FakeRunner()
 
     @precondition(lambda self: self.live)
@@ -146,16 +154,20 @@ class TierBookkeeping(EngineBookkeeping):
                 self.kv, req.request_id, req.all_token_ids, req.num_computed_tokens,
                 req.num_computed_tokens + n,
             )  # fmt: skip
-        for req, n in out.scheduled:
-            self.sched.commit(req, req.num_computed_tokens + n)
+        self._commit_and_emit(out, self._save)
+
+    def _save(self):
         self.runner.execute_kv_ops(self.sched.take_kv_ops(), self.sched.kv_saved)
         self.tier.flush()
-        for req, _ in out.scheduled:
-            if req.num_computed_tokens == req.num_tokens:
-                req.append_token(7)
-                if req.num_output_tokens >= req.params.max_tokens:
-                    self.sched.finish(req, "length")
-                    del self.live[req.request_id]
+
+    @rule(
+        extra=st.lists(st.integers(0, 50), min_size=5, max_size=20),
+        max_tokens=st.integers(12, 30),
+    )
+    def add_long(self, extra, max_tokens):
+        """Long answers: running requests outgrow the pool and are preempted, so their blocks,
+        the partial last one included, come back from RAM or disk."""
+        self._add([1, 2, 3, 4, 5, 6, 7, 8] + extra, SamplingParams(max_tokens=max_tokens))
 
     @rule()
     def forget_ram_cache(self):
@@ -167,10 +179,12 @@ class TierBookkeeping(EngineBookkeeping):
 
         for req in self.sched.running:
             table = self.kv.block_ids(req.request_id)
-            for i in range(req.num_computed_tokens // BS):
-                assert self.runner.pages[table[i]] == page_of(
-                    req.all_token_ids[i * BS : (i + 1) * BS]
-                )
+            n = req.num_computed_tokens
+            for i in range(-(-n // BS)):  # a partial last block: its computed tokens
+                upto = min(BS, n - i * BS)
+                page = self.runner.pages[table[i]][: 4 * upto]
+                want = (req.all_token_ids[i * BS : (i + 1) * BS] + [0] * BS)[:BS]
+                assert page == page_of(want)[: 4 * upto], (req.request_id, i)
 
     def teardown(self):
         super().teardown()
@@ -197,14 +211,7 @@ class SessionBookkeeping(EngineBookkeeping):
         session=st.sampled_from(["s1", "s2", "s3"]),
     )
     def add_in_session(self, prefix, extra, max_tokens, session):
-        ids = prefix + extra
-        if self.kv.blocks_needed(len(ids) + max_tokens) > NUM_BLOCKS:
-            return
-        self.n += 1
-        params = SamplingParams(max_tokens=max_tokens, session_id=session)
-        req = Request(f"r{self.n}", None, ids, params, frozenset())
-        self.live[req.request_id] = req
-        self.sched.add(req)
+        self._add(prefix + extra, SamplingParams(max_tokens=max_tokens, session_id=session))
 
     @rule()
     def sessions_expire(self):
@@ -336,3 +343,97 @@ def test_reset_prefix_cache_forgets_hits():
     assert kv.find_prefix(ids).num_tokens == 12
     kv.reset_prefix_cache()
     assert kv.find_prefix(ids).num_tokens == 0 and kv.num_free_blocks == NUM_BLOCKS
+
+
+def _running_pair(policy: str):
+    kv = KVCacheManager(NUM_BLOCKS, BS)
+    config = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, policy=policy)
+    sched = Scheduler(config, kv)
+    low = [
+        Request(f"low{i}", None, [1, 2, 3, 4 + i], SamplingParams(), frozenset(), priority=5)
+        for i in range(2)
+    ]
+    for r in low:
+        sched.add(r)
+    out = sched.schedule()
+    for r, n in out.scheduled:
+        sched.commit(r, r.num_computed_tokens + n)
+    return sched, low
+
+
+def test_a_better_priority_displaces_a_running_one():
+    sched, low = _running_pair("priority")
+    high = Request("high", None, [9, 9, 9], SamplingParams(), frozenset(), priority=-1)
+    sched.add(high)
+    out = sched.schedule()
+    assert out.scheduled[0][0] is high  # ahead of the running ones, this very step
+    assert [r.request_id for r in out.preempted] == ["low1"]  # the worst, latest of equals
+    assert [r.request_id for r in sched.running] == ["low0", "high"]
+    assert [r.request_id for r in sched.waiting] == ["low1"]
+
+
+def test_fcfs_ignores_priority_and_ties_keep_arrival_order():
+    sched, low = _running_pair("fcfs")
+    high = Request("high", None, [9, 9, 9], SamplingParams(), frozenset(), priority=-1)
+    sched.add(high)
+    out = sched.schedule()
+    assert not out.preempted and [r.request_id for r, _ in out.scheduled] == ["low0", "low1"]
+    kv = KVCacheManager(NUM_BLOCKS, BS)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64), kv)
+    same = [Request(f"r{i}", None, [i + 1], SamplingParams(), frozenset(), priority=3)
+            for i in range(3)]  # fmt: skip
+    for r in same:
+        sched.add(r)
+    assert [r.request_id for r in sched.waiting] == ["r0", "r1", "r2"]
+
+
+def test_an_unknown_policy_is_refused():
+    import pytest
+
+    from slimserve.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="scheduling policy") as e:
+        SchedulerConfig(policy="lottery")
+    assert e.value.param == "scheduling_policy"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    a=st.floats(0.001, 0.1), b=st.floats(0.0, 0.01), c=st.floats(0.0, 0.01),
+    slo=st.floats(1.0, 500.0), decodes=st.integers(1, 6), prompt=st.integers(40, 400),
+)  # fmt: skip
+def test_the_pacer_never_exceeds_the_budget_nor_starves_a_prompt(a, b, c, slo, decodes, prompt):
+    """Whatever the fitted costs and the target: every step stays within the token budget,
+    gives the prompt at least MIN_CHUNK rows (or what it has left) while others decode, and
+    the prompt finishes."""
+    import numpy as np
+
+    from slimserve.engine.scheduler import MIN_CHUNK
+
+    kv = KVCacheManager(400, BS)
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, tpot_slo_ms=slo)
+    sched = Scheduler(config, kv)
+    sched.cost.coef = np.array([a, b, c])
+    chats = [Request(f"c{i}", None, [i + 1] * 3, SamplingParams(max_tokens=10_000), frozenset())
+             for i in range(decodes)]  # fmt: skip
+    for r in chats:
+        sched.add(r)
+    out = sched.schedule()
+    for r, n in out.scheduled:
+        sched.commit(r, r.num_computed_tokens + n)
+        r.append_token(5)
+    long = Request("long", None, list(range(prompt)), SamplingParams(max_tokens=1), frozenset())
+    sched.add(long)
+    for _ in range(prompt):
+        out = sched.schedule()
+        assert out.num_tokens <= config.max_num_batched_tokens
+        rows = dict((r.request_id, n) for r, n in out.scheduled)
+        left = long.num_tokens - long.num_computed_tokens
+        assert rows.get("long", 0) >= min(MIN_CHUNK, left)
+        for r, n in out.scheduled:
+            sched.commit(r, r.num_computed_tokens + n)
+            if r is not long:
+                r.append_token(5)
+        if long.num_computed_tokens == long.num_tokens:
+            break
+    assert long.num_computed_tokens == long.num_tokens

@@ -30,7 +30,9 @@ class FakeRunner:
     def execute_kv_ops(self, ops, on_saved):
         for op in ops:
             if op.is_load:
-                self.pages[op.block_id] = op.payload
+                self.pages[op.block_id] = bytes(op.payload)
+            elif op.kind == "copy":
+                self.pages[op.block_id] = self.pages[op.src]
             else:
                 on_saved(op, self.pages[op.block_id])
 
@@ -205,4 +207,37 @@ def test_a_short_pool_keeps_the_read_pages_for_the_next_try(tmp_path):
     assert run(kv, runner, "a2", a).stored_tokens == 16
     assert tier.stats.hits == reads + 4
     check_pages(kv, runner, "a2", a)
+    tier.close()
+
+
+@pytest.mark.parametrize("where", ["ram", "disk"])
+def test_a_preempted_requests_partial_block_comes_back(tmp_path, where):
+    tier = DiskTier(tmp_path, 1 << 20, PAGE)
+    kv = KVCacheManager(8, BS, salt=b"s" * 16, tier=tier)
+    runner = FakeRunner()
+    a = list(range(1, 24))  # 23 tokens: computed 22 of them, 5 full blocks and 2 tokens more
+    assert kv.allocate_slots("a", 22)
+    runner.compute(kv, "a", a, 0, 22)
+    kv.cache_full_blocks("a", a, 22)
+    kv.keep_partial("a", a, 22)  # the preemption
+    kv.free("a")
+    runner.execute_kv_ops(kv.take_ops(), kv.saved)  # the saves, the partial page's too
+    tier.flush()
+    if where == "disk":
+        kv.reset_prefix_cache()
+    hit = kv.find_prefix(a)
+    assert hit.num_tokens == 22 and hit.partial is not None
+    assert hit.stored_tokens == (22 if where == "disk" else 0)
+    assert kv.allocate_slots("a2", len(a), hit)
+    table = kv.block_ids("a2")
+    assert kv.pool.blocks[table[5] - 1].block_hash is None  # a block of its own, unpublished
+    runner.pages[table[5]] = b"garbage!" * 2  # whatever the block held before
+    runner.execute_kv_ops(kv.take_ops(), kv.saved)  # the copy (RAM) or load (disk), pre-forward
+    assert runner.pages[table[5]][:8] == page_of([21, 22, 23, 0])[:8]  # its 2 computed tokens
+    runner.compute(kv, "a2", a, 22, len(a))
+    check_pages(kv, runner, "a2", a)
+    # A second request with the same tokens takes a copy too: the partial is never shared.
+    kv.cache_full_blocks("a2", a, len(a))
+    hit = run(kv, runner, "a3", a[:22] + [99])
+    assert hit.num_tokens == 22 and kv.block_ids("a3")[5] != table[5]
     tier.close()

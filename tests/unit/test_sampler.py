@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimserve.engine.request import Request
+from slimserve.core.request import Request
 from slimserve.engine.sampler import Sampler, filter_probs
 from slimserve.sampling_params import SamplingParams
 

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from slimserve.config import SpeculativeConfig
-from slimserve.engine.request import Request
+from slimserve.core.request import Request
 from slimserve.errors import InvalidRequest
 from slimserve.sampling_params import SamplingParams
 from slimserve.spec_decode import NgramProposer, Speculator, SuffixProposer

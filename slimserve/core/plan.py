@@ -12,11 +12,12 @@ own (slimserve/backends).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from slimserve.engine.request import Request
+from slimserve.core.request import Request
+from slimserve.kv_cache.ops import KVOp
 
 
 @dataclass(slots=True)
@@ -149,3 +150,21 @@ def build_plan(
         block_size,
         tuple(torch.tensor(s, dtype=torch.long) for s in slots[1:]),
     )
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What runs this step: each request with its number of new rows (drafts included), in the
+    order chosen; and who gave way."""
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new rows)
+    preempted: list[Request] = field(default_factory=list)
+    kv_ops: list[KVOp] = field(default_factory=list)  # page movements before the forward
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def num_scheduled_tokens(self) -> dict[str, int]:
+        return {r.request_id: n for r, n in self.scheduled}
