@@ -135,10 +135,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req is ahead:  # admitted ahead of the running ones this step (_displace)
+            n = self._rows(req, budget)
+            chunk = n > 1 and not req.spec_token_ids
+            if ahead is not None and (req is ahead or chunk and req.priority > ahead.priority):
+                # Admitted ahead this step (_displace); or a worse prompt chunk, which waits a
+                # step so that the better request's first token comes in a short one.
                 i += 1
                 continue
-            n = self._rows(req, budget)
             if pacer is not None and n > 1 and not req.spec_token_ids:  # a prompt chunk
                 n = pacer.cap(req.num_computed_tokens, n)
             while not self.kv.allocate_slots(
@@ -159,6 +162,7 @@ class Scheduler:
             and budget > 0
             and not out.preempted
             and len(self.running) < self.config.max_num_seqs
+            and (ahead is None or self.waiting[0].priority <= ahead.priority)
         ):
             n = self._admit(self.waiting[0], budget, pacer)
             if not n:
