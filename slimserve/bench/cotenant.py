@@ -25,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--stagger", type=float, default=0.5)
     p.add_argument("--slo-ms", type=float, default=150.0, help="the target of the paced case")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--cases", nargs="+", choices=("none", "slo"), default=["none", "slo"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=None)
 
@@ -93,7 +94,7 @@ def run_cotenant(args) -> dict:
     from slimserve.bench.runinfo import alternate, run_info, write_result
 
     rows = alternate(
-        ("none", "slo"), args.rounds, lambda case: one_case(case, args),
+        args.cases, args.rounds, lambda case: one_case(case, args),
         lambda r: (f"chats' ITL p50 {r['itl_p50_ms']:.0f} ms, p99 {r['itl_p99_ms']:.0f} ms, max "
                    f"{r['itl_max_ms']:.0f} ms; long prompts p50 {r['long_p50_s']:.1f} s, last "
                    f"{r['long_last_s']:.1f} s"),

@@ -5,10 +5,11 @@ No prefill or decode phases: every request has `num_computed_tokens` catching up
 `max_num_batched_tokens` tokens, running requests first (a decode costs 1, a verify of k drafts
 k + 1), then waiting ones (a prompt, or a chunk of it). Tokens are credited only after the step,
 up to what was accepted (`commit`): a rejected draft is never credited nor cached. When KV blocks
-run out, the lowest-priority running request that has computed the least is preempted (what it
-loses is smallest): its blocks are freed, its full blocks stay published in the prefix cache
-(and in the disk tier when there is one), so it comes back as a prefix hit and only what was
-lost is recomputed (counted: `recomputed_tokens`). Its output does not change.
+run out, the lowest-priority running request is preempted, one still in its prompt before one
+that streams, and of those the one that has computed the least (what it loses is smallest): its
+blocks are freed but stay published in the prefix cache (and in the disk tier when there is
+one), so it comes back as a prefix hit and only what was lost is recomputed (counted:
+`recomputed_tokens`). Its output does not change.
 
 Policies (`SchedulerConfig.policy`): under "priority" (the default) the waiting queue is ordered
 by (priority, arrival), and before the running requests take the step's budget, a waiting
@@ -50,14 +51,19 @@ class _Pacer:
         rows = [1 + len(r.spec_token_ids) for r in decoding]
         self.rows = sum(rows)
         self.keys = sum(keys_read(r.num_computed_tokens, n) for r, n in zip(decoding, rows))
+        self.granted = 0  # prompt rows given this step
 
     def cap(self, start: int, n: int) -> int:
-        """A prompt chunk of at most `n` rows from position `start`, paced."""
+        """A prompt chunk of at most `n` rows from position `start`, paced: what fits in the
+        target, and for the step's first chunk never fewer than MIN_CHUNK (so some prompt
+        always progresses); 0 when a later one does not fit (it waits a step)."""
         allowed = self.cost.chunk(self.target_s, self.rows, self.keys, start, n)
-        n = max(min(n, MIN_CHUNK), allowed)
-        self.rows += n
-        self.keys += keys_read(start, n)
-        return n
+        if not self.granted:
+            allowed = max(min(n, MIN_CHUNK), allowed)
+        self.rows += allowed
+        self.keys += keys_read(start, allowed)
+        self.granted += allowed
+        return allowed
 
 
 def _order(req: Request):
@@ -66,8 +72,9 @@ def _order(req: Request):
 
 
 def _victim_order(req: Request):
-    # The worst priority first; among equals, the one whose preemption loses the least KV.
-    return (req.priority, -req.num_computed_tokens, req.arrival_time)
+    # The worst priority first; among equals, one still in its prompt (no stream to stall yet),
+    # then the one whose preemption loses the least KV.
+    return (req.priority, req.num_output_tokens == 0, -req.num_computed_tokens, req.arrival_time)
 
 
 def _arrival(req: Request):
@@ -75,7 +82,7 @@ def _arrival(req: Request):
 
 
 def _least_computed(req: Request):
-    return (-req.num_computed_tokens, req.arrival_time)
+    return (req.num_output_tokens == 0, -req.num_computed_tokens, req.arrival_time)
 
 
 class Scheduler:
@@ -142,8 +149,11 @@ class Scheduler:
                 # step so that the better request's first token comes in a short one.
                 i += 1
                 continue
-            if pacer is not None and n > 1 and not req.spec_token_ids:  # a prompt chunk
+            if pacer is not None and chunk:
                 n = pacer.cap(req.num_computed_tokens, n)
+                if not n:  # no room in the target this step: it waits for the next
+                    i += 1
+                    continue
             while not self.kv.allocate_slots(
                 req.request_id, req.num_computed_tokens + n, num_computed=req.num_computed_tokens
             ):
@@ -231,6 +241,8 @@ class Scheduler:
         n = min(req.num_tokens - hit.num_tokens, budget)
         if pacer is not None and n > 1:
             n = pacer.cap(hit.num_tokens, n)
+            if not n:
+                return 0
         if not self.kv.allocate_slots(req.request_id, hit.num_tokens + n, hit):
             return 0
         self.kv.record_lookup(req.num_tokens, hit)
