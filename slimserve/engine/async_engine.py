@@ -54,7 +54,7 @@ class AsyncEngine:
         self._stopped = False
         self._lock = threading.Lock()  # guards _queues and _pending, never held across a step
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending = 0  # adds submitted and not yet drained (for max_queue)
+        self._pending = 0  # adds reserved (_admissible) and not yet drained (for max_queue)
         self.rejections: dict[str, int] = {}  # requests refused at admission, by reason
         self.errored: BaseException | None = None
         self._stats = None
@@ -147,7 +147,11 @@ class AsyncEngine:
         """Queue a request now (bad input raises here, before any response starts) and return
         the stream of its outputs. Several requests may share one queue; outputs carry ids."""
         self._admissible(params)
-        req = self.engine.make_request(prompt, params, request_id, priority)
+        try:
+            req = self.engine.make_request(prompt, params, request_id, priority)
+        except BaseException:
+            self._unreserve()
+            raise
         return self._queue(req, queue)
 
     async def submit_async(
@@ -165,35 +169,46 @@ class AsyncEngine:
             req = await asyncio.to_thread(
                 self.engine.make_request, prompt, params, request_id, priority
             )
-        except SlimserveError as e:
-            self._reject(_REASONS.get(type(e).__name__, "invalid"))
+        except BaseException as e:
+            self._unreserve()
+            if isinstance(e, SlimserveError):
+                self._reject(_REASONS.get(type(e).__name__, "invalid"))
             raise
         return self._queue(req, queue)
+
+    def _unreserve(self) -> None:
+        with self._lock:
+            self._pending -= 1
 
     def _reject(self, reason: str) -> None:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
     def _admissible(self, params: SamplingParams) -> None:
+        """Refuse now (a dead engine, a full queue, too many sessions) or reserve the request's
+        place in the queue: counted from here, while its CPU work runs on a worker thread, so
+        that requests arriving together cannot all pass the queue's bound."""
         if self.errored is not None:
             raise EngineDead("the engine has stopped after an internal error")
-        waiting = self._stats.waiting + self._pending if self._stats else self._pending
-        if self.max_queue is not None and waiting >= self.max_queue:
-            self._reject("queue_full")
-            raise CapacityError(f"the queue is full ({self.max_queue} waiting); retry later")
         try:
             self.engine.check_session(params.session_id)  # a 400 before the response starts
         except SlimserveError:
             self._reject("sessions_full")
             raise
+        with self._lock:
+            waiting = self._stats.waiting + self._pending if self._stats else self._pending
+            if self.max_queue is not None and waiting >= self.max_queue:
+                self._reject("queue_full")
+                raise CapacityError(f"the queue is full ({self.max_queue} waiting); retry later")
+            self._pending += 1
 
     def _queue(self, req, queue: asyncio.Queue | None) -> RequestStream:
         request_id = req.request_id
         q = queue if queue is not None else asyncio.Queue()
         with self._lock:
             if self.errored is not None:
+                self._pending -= 1
                 raise EngineDead("the engine has stopped after an internal error")
             self._queues[request_id] = (asyncio.get_running_loop(), q)
-            self._pending += 1
         self._commands.put(("add", req))
         self._wake.set()
         return RequestStream(self, request_id, q)
