@@ -30,3 +30,4 @@ class RequestOutput:
     # With a session_id: the first prompt position that differs from the session's previous
     # request's prompt and output (None: nothing kept for the session).
     session_diverged_at: int | None = None
+    queued_s: float | None = None  # from arrival to its first admission into a step

@@ -59,6 +59,7 @@ class Request:
         )
         self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache gave it
         self.num_tier_tokens = 0  # of those, tokens whose KV was loaded from a tier (disk)
+        self.queued_s: float | None = None  # arrival to first admission (the scheduler sets it)
         # With a session_id: where its prompt first differs from the session's last request
         # (None: the session held nothing, e.g. its first turn, or its time to live ran out).
         self.session_diverged_at: int | None = None

@@ -40,5 +40,5 @@ def to_output(req: Request) -> RequestOutput:
     return RequestOutput(
         req.request_id, req.prompt, req.prompt_token_ids, [completion], done, req.error,
         req.prompt_logprobs, req.num_cached_tokens or 0, req.num_tier_tokens,
-        req.session_diverged_at,
+        req.session_diverged_at, req.queued_s,
     )  # fmt: skip

@@ -248,6 +248,7 @@ class Scheduler:
         self.kv.record_lookup(req.num_tokens, hit)
         req.num_computed_tokens = hit.num_tokens
         if req.num_cached_tokens is None:  # the first admission's hit (not a preemption's)
+            req.queued_s = time.monotonic() - req.arrival_time
             req.num_cached_tokens = hit.num_tokens
             req.num_tier_tokens = hit.stored_tokens
             if req.params.session_id is not None:

@@ -181,6 +181,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.queue_time = Histogram(
+            "slimserve_request_queue_time_seconds",
+            "Time from arrival to the first step a request ran in",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(EngineCollector(async_engine))
 
     def observe(
@@ -192,11 +198,14 @@ class Metrics:
         first: float | None,
         end: float,
         priority: int = 0,
+        queued: float | None = None,
     ) -> None:
         self.requests.labels(status).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(output_tokens)
         self.e2e.observe(end - start)
+        if queued is not None:
+            self.queue_time.observe(queued)
         if first is not None:
             self.ttft.observe(first - start)
             self.ttft_by_priority.labels(priority_class(priority)).observe(first - start)

@@ -107,6 +107,7 @@ class _Job:
             self.first.get(i),
             time.monotonic(),
             self.body.priority,
+            out.queued_s,
         )
 
     def usage(self) -> dict:

@@ -257,3 +257,4 @@ def test_priority_reaches_the_engine_and_its_histogram(http, client):
     )
     assert r.choices[0].message.content is not None
     assert high_count() == before + 1
+    assert metric(http, "slimserve_request_queue_time_seconds_count") >= 1
