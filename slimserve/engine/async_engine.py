@@ -1,7 +1,7 @@
 """The engine on its own thread, fed by a command queue, handing outputs to asyncio queues.
 
 The Engine is not thread-safe, and a step takes tens to hundreds of milliseconds, so nothing on
-the event loop ever waits for one: `submit` tokenizes and validates on the caller's thread
+the event loop ever waits for one: `submit` tokenizes and validates on a worker thread
 (Engine.make_request reads only immutable state), then puts an "add" command on a queue; `abort`
 puts an "abort"; the engine thread drains every command before each step. `stats()` returns the
 snapshot the engine thread publishes after each step. Outputs cross back with
@@ -136,7 +136,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(q.put_nowait, error)
 
     # -- any thread -------------------------------------------------------------------------
-    def submit(
+    async def submit(
         self,
         prompt: str | list[int],
         params: SamplingParams,
@@ -144,26 +144,10 @@ class AsyncEngine:
         queue: asyncio.Queue | None = None,
         priority: int = 0,
     ) -> RequestStream:
-        """Queue a request now (bad input raises here, before any response starts) and return
-        the stream of its outputs. Several requests may share one queue; outputs carry ids."""
-        self._admissible(params)
-        try:
-            req = self.engine.make_request(prompt, params, request_id, priority)
-        except BaseException:
-            self._unreserve()
-            raise
-        return self._queue(req, queue)
-
-    async def submit_async(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        request_id: str,
-        queue: asyncio.Queue | None = None,
-        priority: int = 0,
-    ) -> RequestStream:
-        """`submit`, with the request's CPU work (tokenizing a text prompt, compiling its
-        grammar) on a worker thread, so the event loop serves other streams meanwhile."""
+        """Queue a request (bad input raises here, before any response starts) and return the
+        stream of its outputs; several requests may share one queue, outputs carry ids. Its CPU
+        work (tokenizing a text prompt, compiling its grammar) runs on a worker thread, so the
+        event loop serves other streams meanwhile."""
         self._admissible(params)
         try:
             req = await asyncio.to_thread(

@@ -31,7 +31,7 @@ async def respond(
     try:
         for i, (p, sp) in enumerate(zip(prompts, params)):
             streams.append(
-                await srv.engine.submit_async(p, sp, f"{base}-{i}", queue, body.priority)
+                await srv.engine.submit(p, sp, f"{base}-{i}", queue, body.priority)
             )
     except BaseException:
         for s in streams:
