@@ -124,7 +124,12 @@ def test_streamed_answer_kept_across_reload(page, client):
 
 
 def test_stop_aborts_the_request_on_the_server(page, http):
-    page.find_element(By.ID, "set-max-tokens").clear()  # no limit: it would run a long while
+    # A long answer, so that Stop comes while it streams. (clear() alone fires no input event:
+    # the page kept its 24-token limit, and once the first token came in 20 ms the answer could
+    # end before the click.)
+    limit = page.find_element(By.ID, "set-max-tokens")
+    limit.clear()
+    limit.send_keys("2000")
     ask(page, "Count from 1 to 1000, separated by commas.")
     wait(page, lambda d: any(answers(d)))
     assert metric(http, "slimserve_num_requests_running") >= 1
