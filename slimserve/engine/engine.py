@@ -12,7 +12,6 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +28,7 @@ from slimserve.engine.model_runner import ModelRunner
 from slimserve.engine.output_processor import append_tokens, to_output
 from slimserve.engine.sampler import Sampler, SamplingRow
 from slimserve.engine.scheduler import Scheduler
+from slimserve.engine.stats import EngineStats
 from slimserve.engine.step_cost import keys_read
 from slimserve.errors import CapacityError, EngineDead, InvalidRequest
 from slimserve.kv_cache.hashing import kv_salt
@@ -43,39 +43,6 @@ if TYPE_CHECKING:  # speculative decoding is a plug-in above the engine (spec_de
     from slimserve.spec_decode import Speculator
 
 logger = logging.getLogger("slimserve")
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    """A snapshot for /metrics and the benchmarks; token counts are cumulative."""
-
-    running: int
-    waiting: int
-    kv_blocks_total: int
-    kv_blocks_free: int
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, served from cache
-    preemptions: int
-    steps: int
-    last_batch_size: int
-    last_batch_tokens: int
-    tokens_computed: int  # every token the model ran (prompt chunks and decodes)
-    prompt_tokens_computed: int  # of those, prompt tokens (the rest came from the prefix cache)
-    spec_draft_tokens: int = 0  # draft tokens verified
-    spec_accepted_tokens: int = 0  # of those, accepted
-    spec_verifies: int = 0  # request-steps that verified at least one draft
-    preemptions_swap: int = 0  # of `preemptions`, those whose published blocks a tier kept
-    recomputed_tokens: int = 0  # tokens run again whose KV a request had computed before
-    tier_hits: int = 0  # prompt tokens of prefix hits whose KV was loaded from the disk tier
-    tier_loads: int = 0  # pages loaded from the disk tier
-    tier_saves: int = 0  # pages handed to the disk tier
-    tier_corrupt: int = 0  # disk records that failed verification (recomputed instead)
-    tier_bytes: int = 0  # bytes the disk tier holds
-    kv_ram_bytes: int = 0  # bytes of the RAM pool's blocks in use or cached
-    sessions: int = 0  # agent sessions whose blocks are kept (--session-ttl)
-    session_pinned_blocks: int = 0  # block references they hold
-    sessions_expired: int = 0  # sessions released when their time to live ran out
-    sessions_pressed: int = 0  # sessions released early because the pool was short
 
 
 class Engine:
@@ -289,8 +256,8 @@ class Engine:
             **self._spec_stats(),
             sessions=len(kv.sessions),
             session_pinned_blocks=kv.num_pinned,
-            sessions_expired=kv.stats.sessions_expired,
-            sessions_pressed=kv.stats.sessions_pressed,
+            sessions_expired=kv.sessions.expired,
+            sessions_pressed=kv.sessions.pressed,
             kv_ram_bytes=kv.num_resident * self.kv_spec.page_bytes,
             **self._tier_stats(),
         )
@@ -340,8 +307,9 @@ class Engine:
                 logits, scores = plan.split_logits(logits)
             samples = self.sampler(logits, rows) if rows else None
             seconds = time.perf_counter() - t0
-            keys = sum(keys_read(sp.start, sp.num_rows) for sp in plan.spans)
-            self.scheduler.cost.observe(plan.num_rows, keys, seconds)
+            if self.config.scheduler.tpot_slo_ms is not None:  # only pacing reads the model
+                keys = sum(keys_read(sp.start, sp.num_rows) for sp in plan.spans)
+                self.scheduler.cost.observe(plan.num_rows, keys, seconds)
         except Exception as e:
             return self._contain([r for r, _ in out.scheduled], e)
         outputs = self._postprocess(plan, samples, scores)

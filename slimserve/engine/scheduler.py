@@ -252,7 +252,7 @@ class Scheduler:
             req.num_cached_tokens = hit.num_tokens
             req.num_tier_tokens = hit.stored_tokens
             if req.params.session_id is not None:
-                req.session_diverged_at = self.kv.diverged_at(
+                req.session_diverged_at = self.kv.sessions.diverged_at(
                     req.params.session_id, req.prompt_token_ids
                 )
         self.waiting.remove(req)

@@ -15,12 +15,12 @@ step that filled it. The manager is the one place that decides which block holds
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from slimserve.kv_cache.block_pool import NULL_BLOCK, Block, BlockPool
 from slimserve.kv_cache.hashing import block_hashes, hash_block, kv_salt, partial_hash
 from slimserve.kv_cache.ops import KVOp
+from slimserve.kv_cache.sessions import Sessions
 from slimserve.kv_cache.spec import FULL, AttentionSpec
 
 
@@ -54,25 +54,12 @@ class PrefixHit:
 
 
 @dataclass(slots=True)
-class Session:
-    """An agent's conversation between turns: its last request's published blocks, held (one
-    reference each) until `expires`, and that request's tokens (to say where a next prompt
-    diverged)."""
-
-    blocks: list[Block]
-    tokens: list[int]
-    expires: float
-
-
-@dataclass(slots=True)
 class CacheStats:
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # of those, tokens found cached (in RAM or a tier)
     tier_hits: int = 0  # of those, tokens whose blocks were loaded from the tier
     loads: int = 0  # pages loaded from the tier
     saves: int = 0  # pages handed to the tier
-    sessions_expired: int = 0  # sessions whose time to live ran out
-    sessions_pressed: int = 0  # sessions released early: the pool was short
 
 
 class KVCacheManager:
@@ -95,10 +82,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.tier = tier if enable_prefix_caching else None  # kv_cache/tiers.py
         self.ops: list[KVOp] = []  # what the runner is to carry out next (take_ops)
-        self.sessions: OrderedDict[str, Session] = OrderedDict()  # oldest pinned first
-        self.num_pinned = 0  # block references the sessions hold
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        self.sessions = Sessions(self.pool)  # agent sessions kept between turns
         self.groups = tuple(groups)
         self.windows = tuple(g.window for g in self.groups)
         self.req_blocks: dict[str, list[list[Block | None]]] = {}
@@ -268,8 +254,7 @@ class KVCacheManager:
         reviving = sum(1 for s in shared for b in s if isinstance(b, Block) and b.ref_cnt == 0)
         stored = sum(1 for s in shared for b in s if isinstance(b, Stored))
         while sum(need) + stored > self.pool.num_free - reviving and self.sessions:
-            self._unpin(next(iter(self.sessions)))  # pinned sessions give way first, oldest first
-            self.stats.sessions_pressed += 1
+            self.sessions.give_way()  # kept sessions give way first, oldest first
             reviving = sum(1 for s in shared for b in s if isinstance(b, Block) and b.ref_cnt == 0)
         if sum(need) + stored > self.pool.num_free - reviving:
             if not any(tables):
@@ -412,43 +397,22 @@ class KVCacheManager:
         """Blocks the request holds, over all groups."""
         return sum(b is not None for t in self.req_blocks.get(request_id, ()) for b in t)
 
-    # -- sessions ---------------------------------------------------------------------------
+    # -- sessions (kv_cache/sessions.py) ------------------------------------------------------
     def pin(self, session_id: str, request_id, tokens: list[int], expires: float) -> None:
         """Keep the request's published blocks for `session_id` until `expires` (call before
-        `free`); the session's earlier blocks are let go."""
+        `free`)."""
         blocks = [
             b for t in self.req_blocks.get(request_id, ()) for b in t
             if b is not None and b.block_hash is not None
         ]  # fmt: skip
-        for b in blocks:
-            self.pool.touch(b)
-        self._unpin(session_id)
-        self.sessions[session_id] = Session(blocks, list(tokens), expires)
-        self.num_pinned += len(blocks)
-
-    def _unpin(self, session_id: str) -> None:
-        session = self.sessions.pop(session_id, None)
-        if session is not None:
-            self.pool.free(reversed(session.blocks))
-            self.num_pinned -= len(session.blocks)
+        self.sessions.pin(session_id, blocks, tokens, expires)
 
     def expire_sessions(self, now: float) -> None:
-        for sid in [sid for sid, s in self.sessions.items() if s.expires <= now]:
-            self._unpin(sid)
-            self.stats.sessions_expired += 1
+        self.sessions.expire(now)
 
-    def diverged_at(self, session_id: str, token_ids: list[int]) -> int | None:
-        """The first position where `token_ids` differs from the tokens of the session's last
-        request (prompt and output); None when the session holds nothing."""
-        session = self.sessions.get(session_id)
-        if session is None:
-            return None
-        n = 0
-        for a, b in zip(session.tokens, token_ids):
-            if a != b:
-                break
-            n += 1
-        return n
+    @property
+    def num_pinned(self) -> int:
+        return self.sessions.num_pinned
 
     @property
     def num_resident(self) -> int:
