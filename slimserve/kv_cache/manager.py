@@ -367,7 +367,8 @@ class KVCacheManager:
             for g, table in enumerate(tables):
                 b = table[i]
                 gh = self._group_hash(digest, g)
-                if b is not None and self.pool.cache(b, gh, key) and self.tier is not None:
+                published = b is not None and self.pool.cache(b, gh, key)
+                if published and self.tier is not None and gh not in self.tier:
                     self.ops.append(KVOp("save", b.block_id, gh, key))
             hashes.append(digest)
 
